@@ -1,0 +1,73 @@
+"""Shared defaults. Every config starts from `get_config()` here and overrides what differs.
+
+All keys of the command-line contract exist here, so `--config.x.y=...` works for every config.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = data = ml_collections.ConfigDict()
+    data.name = "digits"
+    data.data_dir = ""  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    data.train_split = "train"
+    data.eval_split = "test"
+    data.image_size = 8
+    data.random_flip = False
+    data.image_key = "image"
+    data.label_key = "label"
+    data.num_read_threads = 0  # 0 = read synchronously in the training thread
+
+    config.model = model = ml_collections.ConfigDict()
+    model.ch = 64
+    model.ch_mult = (1, 2, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (4,)
+    model.dropout = 0.1
+    model.class_conditional = False  # embed labels (num_classes comes from the dataset)
+    model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; params stay float32
+
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.schedule = "linear"
+    diffusion.num_timesteps = 1000
+    diffusion.prediction = "eps"  # 'eps' | 'x0' | 'v'
+    diffusion.loss_weighting = "simple"  # 'simple' | 'snr' | 'min_snr'
+    diffusion.min_snr_gamma = 5.0
+    diffusion.label_dropout = 0.1  # classifier-free guidance training (class-conditional models)
+
+    config.training = training = ml_collections.ConfigDict()
+    training.num_train_steps = 10_000
+    training.batch_size = 128  # global batch over all devices and hosts
+    training.learning_rate = 2e-4
+    training.warmup_steps = 1000
+    training.grad_clip = 1.0
+    training.weight_decay = 0.0
+    training.adam_b1 = 0.9
+    training.adam_b2 = 0.999
+    training.ema_decay = 0.9999
+    training.log_every = 100
+    training.checkpoint_every = 1000
+    training.max_checkpoints_to_keep = 3
+    training.sample_every = 0  # 0 = only at the end of training
+    training.num_grid_samples = 64
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.sampler = "ddim"  # 'ddpm' | 'ddim' | 'dpm_solver++' | 'heun'
+    sampling.num_steps = 50
+    sampling.eta = 0.0
+    sampling.timestep_spacing = "linspace"
+    sampling.clip_x0 = True
+    sampling.temperature = 1.0
+    sampling.variance = "fixed_small"  # ancestral samplers: 'fixed_small' | 'fixed_large'
+    sampling.num_samples = 1000
+    sampling.batch_size = 250  # per call; samples do not depend on it
+    sampling.seed = 0
+    sampling.guidance_scale = 1.0  # classifier-free guidance (class-conditional models)
+    sampling.label = -1  # class to sample with guidance; -1 = cycle through all classes
+    sampling.name = ""  # '' = derived from sampler, steps and seed
+    return config

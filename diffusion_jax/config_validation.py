@@ -1,0 +1,116 @@
+"""Check a config before any data loading or compilation; each problem is one clear line.
+
+`validate_config` raises `ConfigError` (a ValueError) naming the offending key, what is allowed
+and how to fix it. Unknown keys and wrong types are already refused by ml_collections when a
+`--config.x.y=` override is parsed, since config files return locked, typed ConfigDicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from diffusion_jax import diffusion, samplers, schedules
+from diffusion_jax.models.unet import validate_unet_config
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+    """Raise `ConfigError` for the first inconsistent or out-of-range value of `config`."""
+    _check_ranges(config)
+    _check_devices(config, num_devices)
+    # Cheap calls into the library's own validation: one source of truth for allowed values.
+    _reraise(
+        lambda: schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    )
+    _reraise(
+        lambda: validate_unet_config(
+            image_size=config.data.image_size,
+            ch=config.model.ch,
+            ch_mult=tuple(config.model.ch_mult),
+            attn_resolutions=tuple(config.model.attn_resolutions),
+            num_res_blocks=config.model.num_res_blocks,
+            dropout=config.model.dropout,
+        )
+    )
+    _reraise(lambda: samplers.validate_sampler_args(
+        sampler=config.sampling.sampler,
+        num_steps=config.sampling.num_steps,
+        num_timesteps=config.diffusion.num_timesteps,
+        eta=config.sampling.eta,
+        prediction=config.diffusion.prediction,
+        timestep_spacing=config.sampling.timestep_spacing,
+        variance=config.sampling.variance,
+        temperature=config.sampling.temperature,
+    ))
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+    d, m, t, s = config.diffusion, config.model, config.training, config.sampling
+    checks: list[tuple[bool, str]] = [
+        (config.data.image_size >= 1, "data.image_size must be a positive integer"),
+        (m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}; use 'float32' or 'bfloat16'"),
+        (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}; use a value in [0, 1)"),
+        (m.num_res_blocks >= 1, f"model.num_res_blocks={m.num_res_blocks}; use 1 or more"),
+        (
+            d.prediction in diffusion.PREDICTIONS,
+            f"diffusion.prediction={d.prediction!r}; use one of {diffusion.PREDICTIONS}",
+        ),
+        (
+            d.loss_weighting in diffusion.LOSS_WEIGHTINGS,
+            f"diffusion.loss_weighting={d.loss_weighting!r}; use one of "
+            f"{diffusion.LOSS_WEIGHTINGS}",
+        ),
+        (d.min_snr_gamma > 0, f"diffusion.min_snr_gamma={d.min_snr_gamma}; use a positive value"),
+        (0.0 <= d.label_dropout < 1.0, f"diffusion.label_dropout={d.label_dropout}; use [0, 1)"),
+        (d.num_timesteps >= 1, f"diffusion.num_timesteps={d.num_timesteps}; use 1 or more"),
+        (t.num_train_steps >= 0, f"training.num_train_steps={t.num_train_steps}; use >= 0"),
+        (t.learning_rate > 0, f"training.learning_rate={t.learning_rate}; use a positive rate"),
+        (t.warmup_steps >= 0, f"training.warmup_steps={t.warmup_steps}; use >= 0"),
+        (t.grad_clip >= 0, f"training.grad_clip={t.grad_clip}; use >= 0 (0 disables clipping)"),
+        (t.weight_decay >= 0, f"training.weight_decay={t.weight_decay}; use >= 0"),
+        (0.0 <= t.ema_decay < 1.0, f"training.ema_decay={t.ema_decay}; use a value in [0, 1)"),
+        (t.log_every >= 1, f"training.log_every={t.log_every}; use 1 or more"),
+        (t.checkpoint_every >= 1, f"training.checkpoint_every={t.checkpoint_every}; use 1 or more"),
+        (
+            t.max_checkpoints_to_keep >= 1,
+            f"training.max_checkpoints_to_keep={t.max_checkpoints_to_keep}; use 1 or more",
+        ),
+        (t.sample_every >= 0, f"training.sample_every={t.sample_every}; use >= 0 (0 = at the end)"),
+        (t.num_grid_samples >= 1, f"training.num_grid_samples={t.num_grid_samples}; use >= 1"),
+        (s.num_samples >= 1, f"sampling.num_samples={s.num_samples}; use 1 or more"),
+        (s.temperature >= 0, f"sampling.temperature={s.temperature}; use >= 0"),
+        (s.guidance_scale >= 0, f"sampling.guidance_scale={s.guidance_scale}; use >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if s.guidance_scale != 1.0 and not m.class_conditional:
+        raise ConfigError(
+            "sampling.guidance_scale needs a class-conditional model; set "
+            "model.class_conditional=True when training, or leave guidance_scale=1.0"
+        )
+
+
+def _check_devices(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    for key, value in (
+        ("training.batch_size", config.training.batch_size),
+        ("sampling.batch_size", config.sampling.batch_size),
+    ):
+        if value < 1 or value % num_devices:
+            raise ConfigError(
+                f"{key}={value} does not divide over {num_devices} devices; "
+                f"use a positive multiple of {num_devices}"
+            )
+
+
+def _reraise(check: Callable[[], Any]) -> None:
+    try:
+        check()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None

@@ -1,0 +1,269 @@
+"""Forward process, posterior, eps / x0 / v conversions and training losses.
+
+Every function takes the schedule `sch`, integer timesteps `t`: int (B,) in [0, T) and arrays
+x: (B, ...) batched over the leading axis with any trailing shape. Schedule coefficients are
+float64 numpy; `extract` gathers them in JAX's default float dtype (float32 unless x64 is
+enabled). Everything is pure and jittable; string options are static Python values.
+
+Notation: a_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), SNR_t = ab_t / (1 - ab_t), and
+    x_t = a_t x0 + sigma_t eps,    v = a_t eps - sigma_t x0  (Salimans & Ho 2022).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.schedules import Schedule
+
+PREDICTIONS = ("eps", "x0", "v")
+VARIANCES = ("fixed_small", "fixed_large")
+LOSS_WEIGHTINGS = ("simple", "snr", "min_snr")
+
+Array = jax.Array
+ModelFn = Callable[..., Array]
+
+
+def float_dtype() -> Any:
+    """JAX's default float dtype: float32, or float64 when jax_enable_x64 is on."""
+    return jax.dtypes.canonicalize_dtype(np.float64)
+
+
+def extract(arr: Any, t: Any, ndim: int) -> Array:
+    """Gather arr[t] shaped (B, 1, ..., 1) to broadcast against a rank-`ndim` x.
+
+    arr: (T,) float64 numpy (or traced) array; t: int (B,) (or a scalar). Returns
+    `float_dtype()` values.
+    """
+    values = jnp.asarray(arr, dtype=float_dtype())[jnp.asarray(t)]
+    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+
+def _check_choice(kind: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; use one of {allowed}")
+
+
+def q_sample(sch: Schedule, x0: Array, t: Array, noise: Array) -> Array:
+    """Sample x_t ~ q(x_t | x_0) = a_t x0 + sigma_t noise. x0, noise: (B, ...) -> (B, ...)."""
+    return (
+        extract(sch.sqrt_alphas_cumprod, t, x0.ndim) * x0
+        + extract(sch.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+    )
+
+
+def q_posterior(sch: Schedule, x0: Array, x_t: Array, t: Array) -> tuple[Array, Array, Array]:
+    """q(x_{t-1} | x_t, x_0) = N(mean, variance): x0, x_t: (B, ...).
+
+    Returns (mean (B, ...), variance (B, 1, ..., 1), log_variance_clipped (B, 1, ..., 1)).
+    At t = 0 the mean is x0 and the variance 0 (its log is clipped to that of t = 1).
+    """
+    mean = (
+        extract(sch.posterior_mean_coef1, t, x_t.ndim) * x0
+        + extract(sch.posterior_mean_coef2, t, x_t.ndim) * x_t
+    )
+    variance = extract(sch.posterior_variance, t, x_t.ndim)
+    log_variance = extract(sch.posterior_log_variance_clipped, t, x_t.ndim)
+    return mean, variance, log_variance
+
+
+def predict_x0_from_eps(sch: Schedule, x_t: Array, t: Array, eps: Array) -> Array:
+    """x0 = (x_t - sigma_t eps) / a_t. x_t, eps: (B, ...)."""
+    return (
+        extract(sch.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+        - extract(sch.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
+    )
+
+
+def predict_eps_from_x0(sch: Schedule, x_t: Array, t: Array, x0: Array) -> Array:
+    """eps = (x_t - a_t x0) / sigma_t. x_t, x0: (B, ...)."""
+    return (extract(sch.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0) / extract(
+        sch.sqrt_recipm1_alphas_cumprod, t, x_t.ndim
+    )
+
+
+def v_target(sch: Schedule, x0: Array, noise: Array, t: Array) -> Array:
+    """v = a_t noise - sigma_t x0. x0, noise: (B, ...)."""
+    return (
+        extract(sch.sqrt_alphas_cumprod, t, x0.ndim) * noise
+        - extract(sch.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0
+    )
+
+
+def predict_x0_from_v(sch: Schedule, x_t: Array, t: Array, v: Array) -> Array:
+    """x0 = a_t x_t - sigma_t v. x_t, v: (B, ...)."""
+    return (
+        extract(sch.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
+        - extract(sch.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v
+    )
+
+
+def predict_eps_from_v(sch: Schedule, x_t: Array, t: Array, v: Array) -> Array:
+    """eps = sigma_t x_t + a_t v. x_t, v: (B, ...)."""
+    return (
+        extract(sch.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * x_t
+        + extract(sch.sqrt_alphas_cumprod, t, x_t.ndim) * v
+    )
+
+
+def model_output_to_x0_eps(
+    sch: Schedule, x_t: Array, t: Array, output: Array, prediction: str
+) -> tuple[Array, Array]:
+    """Convert a model output of type `prediction` ('eps' | 'x0' | 'v') to (x0, eps), (B, ...)."""
+    _check_choice("prediction", prediction, PREDICTIONS)
+    if prediction == "eps":
+        return predict_x0_from_eps(sch, x_t, t, output), output
+    if prediction == "x0":
+        return output, predict_eps_from_x0(sch, x_t, t, output)
+    return predict_x0_from_v(sch, x_t, t, output), predict_eps_from_v(sch, x_t, t, output)
+
+
+def p_mean_variance(
+    sch: Schedule,
+    output: Array,
+    x_t: Array,
+    t: Array,
+    *,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: bool = True,
+) -> tuple[Array, Array, Array, Array]:
+    """The reverse step p(x_{t-1} | x_t) of Ho et al. from a model output: (B, ...).
+
+    The mean is the posterior mean q(x_{t-1} | x_t, x0_pred), with x0_pred clipped to [-1, 1]
+    if `clip_x0`. variance: 'fixed_small' = posterior variance (log clipped at t = 0);
+    'fixed_large' = beta_t, with entry 0 replaced by posterior_variance[1] (Ho et al.).
+    Returns (mean (B, ...), variance (B, 1, ...), log_variance (B, 1, ...), x0_pred (B, ...)).
+    """
+    _check_choice("variance", variance, VARIANCES)
+    x0, _ = model_output_to_x0_eps(sch, x_t, t, output, prediction)
+    if clip_x0:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+    mean, small_var, small_log_var = q_posterior(sch, x0, x_t, t)
+    if variance == "fixed_small":
+        return mean, small_var, small_log_var, x0
+    large_var = extract(sch.large_variance, t, x_t.ndim)
+    large_log_var = extract(sch.large_log_variance, t, x_t.ndim)
+    return mean, large_var, large_log_var, x0
+
+
+def loss_weights(
+    sch: Schedule, *, prediction: str, weighting: str, min_snr_gamma: float = 5.0
+) -> Any:
+    """(T,) weights w_t such that loss_t = w_t * mean((output - target)^2).
+
+    'simple': w = 1 (MSE against the target of `prediction`). 'snr' / 'min_snr': the x0-space
+    error |x0_pred - x0|^2 weighted by SNR_t / min(SNR_t, gamma) (Hang et al. 2023), written on
+    the output error in closed form so it stays finite: |x0 err|^2 = |eps err|^2 / SNR =
+    |v err|^2 / (SNR + 1). So 'snr' with 'eps' equals 'simple'. float64 numpy for a numpy
+    schedule.
+    """
+    _check_choice("prediction", prediction, PREDICTIONS)
+    _check_choice("loss weighting", weighting, LOSS_WEIGHTINGS)
+    xp: Any = np if isinstance(sch.log_snr, np.ndarray) else jnp
+    snr = xp.exp(sch.log_snr)
+    if weighting == "simple":
+        return xp.ones_like(snr)
+    x0_weight = snr if weighting == "snr" else xp.minimum(snr, min_snr_gamma)
+    if prediction == "x0":
+        return x0_weight
+    if prediction == "eps":
+        return x0_weight / snr
+    return x0_weight / (snr + 1.0)
+
+
+def per_example_loss(
+    sch: Schedule,
+    output: Array,
+    x0: Array,
+    noise: Array,
+    t: Array,
+    *,
+    prediction: str = "eps",
+    weighting: str = "simple",
+    min_snr_gamma: float = 5.0,
+) -> Array:
+    """Weighted squared error (B,) of `output` (B, ...) for x_t = q_sample(sch, x0, t, noise).
+
+    The error is averaged over all non-batch axes; see `loss_weights` for the weighting.
+    """
+    _check_choice("prediction", prediction, PREDICTIONS)
+    if prediction == "eps":
+        target = noise
+    elif prediction == "x0":
+        target = x0
+    else:
+        target = v_target(sch, x0, noise, t)
+    weights = loss_weights(
+        sch, prediction=prediction, weighting=weighting, min_snr_gamma=min_snr_gamma
+    )
+    err = jnp.mean(jnp.square(output - target), axis=tuple(range(1, output.ndim)))
+    return extract(weights, t, 1) * err
+
+
+def drop_labels(rng: Array, labels: Array, num_classes: int, rate: float) -> Array:
+    """Replace each label (B,) by the null class `num_classes` with probability `rate`."""
+    drop = jax.random.uniform(rng, labels.shape) < rate
+    return jnp.where(drop, jnp.asarray(num_classes, labels.dtype), labels)
+
+
+def training_loss(
+    model_fn: ModelFn,
+    sch: Schedule,
+    x0: Array,
+    rng: Array,
+    *,
+    prediction: str = "eps",
+    weighting: str = "simple",
+    min_snr_gamma: float = 5.0,
+    labels: Array | None = None,
+    num_classes: int | None = None,
+    label_dropout: float = 0.0,
+    t: Array | None = None,
+    noise: Array | None = None,
+) -> Array:
+    """Per-example denoising loss (B,) for clean data x0: (B, ...).
+
+    Draws t ~ U{0..T-1} and noise ~ N(0, I) from `rng` (unless given), forms x_t and calls
+    `model_fn(x_t, t)`, or `model_fn(x_t, t, labels)` when labels (B,) int are given. With
+    `label_dropout` > 0 each label is replaced by the null class `num_classes` with that
+    probability (classifier-free guidance training). See `per_example_loss` for `weighting`.
+    """
+    _check_choice("prediction", prediction, PREDICTIONS)
+    _check_choice("loss weighting", weighting, LOSS_WEIGHTINGS)
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1]; got {label_dropout}")
+    if label_dropout > 0.0 and (labels is None or num_classes is None):
+        raise ValueError(
+            "label_dropout > 0 needs labels and num_classes (the null label is num_classes)"
+        )
+    if weighting == "min_snr" and not min_snr_gamma > 0:
+        raise ValueError(f"min_snr_gamma must be > 0; got {min_snr_gamma}")
+    t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+    batch = x0.shape[0]
+    if t is None:
+        t = jax.random.randint(t_rng, (batch,), 0, sch.num_timesteps, dtype=jnp.int32)
+    if noise is None:
+        noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    x_t = q_sample(sch, x0, t, noise).astype(x0.dtype)
+    if labels is None:
+        output = model_fn(x_t, t)
+    else:
+        if label_dropout > 0.0:
+            assert num_classes is not None  # checked above
+            labels = drop_labels(drop_rng, labels, num_classes, label_dropout)
+        output = model_fn(x_t, t, labels)
+    return per_example_loss(
+        sch,
+        output.astype(x_t.dtype),
+        x0,
+        noise,
+        t,
+        prediction=prediction,
+        weighting=weighting,
+        min_snr_gamma=min_snr_gamma,
+    )

@@ -1,0 +1,142 @@
+"""Train state, optimizer, EMA and the pure, jittable training step.
+
+Everything that determines the future of a run lives in `TrainState`, so a checkpoint of it
+(plus the data iterator's position) resumes a run exactly. The per-step randomness is
+`fold_in(state.rng, state.step)`: it depends only on the seed and the step, never on how many
+devices or hosts share the batch (JAX's threefry is partitionable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from diffusion_jax import diffusion, schedules
+from diffusion_jax.models.unet import UNet
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: int32 (); rng: uint32 (2,) base key; params/opt_state/ema_params: pytrees."""
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    ema_params: PyTree
+    rng: jax.Array
+
+
+def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> UNet:
+    """The U-Net a config describes; `num_classes` enables the class embedding when conditional."""
+    return UNet(
+        ch=model_config.ch,
+        ch_mult=tuple(model_config.ch_mult),
+        num_res_blocks=model_config.num_res_blocks,
+        attn_resolutions=tuple(model_config.attn_resolutions),
+        dropout=model_config.dropout,
+        num_classes=num_classes if model_config.class_conditional else None,
+        dtype=COMPUTE_DTYPES[model_config.dtype],
+    )
+
+
+def create_optimizer(training_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam(W) with linear warmup to a constant rate and optional global-norm clipping (Ho et al.)."""
+    lr = optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, training_config.learning_rate, training_config.warmup_steps),
+            optax.constant_schedule(training_config.learning_rate),
+        ],
+        boundaries=[training_config.warmup_steps],
+    )
+    adam = optax.adamw(
+        lr,
+        b1=training_config.adam_b1,
+        b2=training_config.adam_b2,
+        weight_decay=training_config.weight_decay,
+    )
+    if training_config.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(training_config.grad_clip), adam)
+    return adam
+
+
+def init_train_state(
+    model: UNet,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    image_shape: tuple[int, int, int],
+) -> TrainState:
+    """Fresh state; the EMA starts as a copy of the initial parameters (never at zero)."""
+    init_rng, state_rng = jax.random.split(rng)
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    labels = jnp.zeros((1,), jnp.int32) if model.num_classes is not None else None
+    params = model.init({"params": init_rng}, x, t, labels, train=False)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        ema_params=params,
+        rng=state_rng,
+    )
+
+
+def make_train_step(
+    model: UNet,
+    schedule: schedules.Schedule,
+    optimizer: optax.GradientTransformation,
+    diffusion_config: ml_collections.ConfigDict,
+    ema_decay: float,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """A pure `train_step(state, batch) -> (state, metrics)` to be jitted by the caller.
+
+    batch: {'image': float32 (B, H, W, C) in [-1, 1], 'label': int32 (B,)}. The loss is the mean
+    over the global batch, so the same batch on 1 or N devices gives the same update.
+    """
+    conditional = model.num_classes is not None
+
+    def loss_fn(params: PyTree, batch: Batch, rng: jax.Array) -> jax.Array:
+        dropout_rng, loss_rng = jax.random.split(rng)
+
+        def model_fn(x_t: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+            return model.apply(
+                {"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_rng}
+            )
+
+        per_example = diffusion.training_loss(
+            model_fn,
+            schedule,
+            batch["image"],
+            loss_rng,
+            prediction=diffusion_config.prediction,
+            weighting=diffusion_config.loss_weighting,
+            min_snr_gamma=diffusion_config.min_snr_gamma,
+            labels=batch["label"] if conditional else None,
+            num_classes=model.num_classes,
+            label_dropout=diffusion_config.label_dropout if conditional else 0.0,
+        )
+        return jnp.mean(per_example)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
+        )
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return new_state, metrics
+
+    return train_step

@@ -1,0 +1,44 @@
+"""Shared fixtures: a digits dataset built once per session and a tiny, fast config."""
+
+from __future__ import annotations
+
+import ml_collections
+import pytest
+
+from configs import digits
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A TFDS data_dir holding the digits dataset, built once for the whole session."""
+    from diffusion_jax.data import pipeline
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    pipeline.ensure_prepared("digits", data_dir)
+    return data_dir
+
+
+def make_tiny_config(data_dir: str) -> ml_collections.ConfigDict:
+    """The digits config shrunk so a run of a few steps takes seconds on 2 CPU cores."""
+    config = digits.get_config()
+    config.data.data_dir = data_dir
+    config.model.ch = 32
+    config.model.ch_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (4,)
+    config.diffusion.num_timesteps = 100
+    config.training.num_train_steps = 6
+    config.training.batch_size = 16
+    config.training.warmup_steps = 2
+    config.training.log_every = 2
+    config.training.checkpoint_every = 3
+    config.training.num_grid_samples = 4
+    config.sampling.num_samples = 6
+    config.sampling.batch_size = 4
+    config.sampling.num_steps = 4
+    return config
+
+
+@pytest.fixture
+def tiny_config(digits_data_dir: str) -> ml_collections.ConfigDict:
+    return make_tiny_config(digits_data_dir)

@@ -1,0 +1,97 @@
+"""Configs: the command-line contract keys, the paper's CIFAR-10 model, and validation rules."""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+import pytest
+
+from configs import cifar10_ddpm, digits
+from diffusion_jax import training
+from diffusion_jax.config_validation import ConfigError, validate_config
+from diffusion_jax.models.unet import count_params
+
+CONFIG_MODULES = ["configs.default", "configs.digits", "configs.cifar10_ddpm"]
+CONTRACT_KEYS = [
+    "seed",
+    "training.num_train_steps",
+    "training.batch_size",
+    "training.checkpoint_every",
+    "sampling.sampler",
+    "sampling.num_steps",
+    "sampling.num_samples",
+    "sampling.seed",
+]
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+@pytest.mark.parametrize("module", CONFIG_MODULES)
+def test_every_config_has_the_command_line_contract_keys_and_validates(module):
+    config = importlib.import_module(module).get_config()
+    for key in CONTRACT_KEYS:
+        _get(config, key)
+    validate_config(config, num_devices=1)
+
+
+def test_cifar10_config_builds_the_35_7m_parameter_ddpm_model():
+    config = cifar10_ddpm.get_config()
+    model = training.create_model(config.model, num_classes=10)
+    assert abs(count_params(model, (32, 32, 3)) - 35_746_307) <= 0.005 * 35_746_307
+
+
+def test_cifar10_config_uses_ho_et_al_hyperparameters():
+    t = cifar10_ddpm.get_config().training
+    assert (t.batch_size, t.learning_rate, t.warmup_steps, t.grad_clip, t.ema_decay) == (
+        128,
+        2e-4,
+        5000,
+        1.0,
+        0.9999,
+    )
+    assert t.num_train_steps == 800_000
+    assert cifar10_ddpm.get_config().model.dropout == 0.1
+    assert cifar10_ddpm.get_config().data.random_flip
+
+
+BAD_VALUES = [
+    ("diffusion.schedule", "quadratic", "linear"),
+    ("diffusion.prediction", "score", "use one of"),
+    ("diffusion.loss_weighting", "p2", "use one of"),
+    ("sampling.sampler", "euler", "ddim"),
+    ("sampling.timestep_spacing", "log", "linspace"),
+    ("sampling.num_steps", 5000, "num_steps"),
+    ("sampling.num_steps", 0, "num_steps"),
+    ("sampling.eta", -1.0, "eta"),
+    ("training.learning_rate", -1e-3, "positive rate"),
+    ("training.ema_decay", 1.0, "ema_decay"),
+    ("training.checkpoint_every", 0, "checkpoint_every"),
+    ("model.dtype", "float16", "bfloat16"),
+    ("model.attn_resolutions", (3,), "attn_resolutions"),
+    ("data.image_size", 9, "divisible"),
+    ("sampling.guidance_scale", 3.0, "class_conditional"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", BAD_VALUES)
+def test_bad_config_value_is_refused_with_a_message_naming_the_fix(key, value, message):
+    config = digits.get_config()
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config, num_devices=1)
+
+
+def test_batch_that_does_not_divide_over_the_devices_is_refused():
+    config = digits.get_config()
+    config.training.batch_size = 12
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        validate_config(config, num_devices=8)
