@@ -74,6 +74,7 @@ def make_sample_fn(
             variance=sampling_config.variance,
             labels=labels,
             guidance_scale=sampling_config.guidance_scale,
+            num_classes=model.num_classes,
             sample_ids=sample_ids,
         )
 

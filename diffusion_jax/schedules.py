@@ -1,7 +1,8 @@
 """Noise schedules: betas and every derived coefficient, precomputed in float64 numpy.
 
 Conventions (Ho et al. 2020): timesteps are indexed t = 0..T-1, t = 0 the least noisy;
-    q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I),  ab_t = alphas_cumprod[t] = prod_{s<=t} (1 - beta_s).
+    q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I),
+    ab_t = alphas_cumprod[t] = prod_{s <= t} (1 - beta_s).
 "Before t = 0" is clean data: alphas_cumprod_prev[0] = 1.
 
 All fields of `Schedule` are float64 numpy arrays of shape (T,). Coefficients are computed once,

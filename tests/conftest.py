@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+import os
+
+import jax
 import ml_collections
 import pytest
 
 from configs import digits
+
+# Tests build the same tiny programs many times (every train run compiles its step and sampler);
+# XLA's persistent cache turns each repeat into a load.
+COMPILATION_CACHE_ENV = {
+    "JAX_COMPILATION_CACHE_DIR": os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"
+    ),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE_ENV["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# `make_tiny_config` as command-line overrides of configs/digits.py, for subprocess tests.
+TINY_OVERRIDES = [
+    "--config.model.ch=32",
+    "--config.model.ch_mult=(1, 2)",
+    "--config.model.num_res_blocks=1",
+    "--config.model.attn_resolutions=(4,)",
+    "--config.diffusion.num_timesteps=100",
+    "--config.training.num_train_steps=6",
+    "--config.training.batch_size=16",
+    "--config.training.warmup_steps=2",
+    "--config.training.log_every=2",
+    "--config.training.checkpoint_every=3",
+    "--config.training.num_grid_samples=4",
+    "--config.sampling.num_samples=6",
+    "--config.sampling.batch_size=4",
+    "--config.sampling.num_steps=4",
+]
 
 
 @pytest.fixture(scope="session")

@@ -201,9 +201,15 @@ def _imperfect_loss_inputs(prediction: str):
 def test_snr_weighting_equals_snr_weighted_x0_error(prediction: str) -> None:
     x0, noise, t, output, x0_err2, snr = _imperfect_loss_inputs(prediction)
     loss = diffusion.training_loss(
-        lambda x_t, tt: output, SCH, x0, jax.random.key(0), prediction=prediction,
-        weighting="snr", t=t, noise=noise,
-    )  # fmt: skip
+        lambda x_t, tt: output,
+        SCH,
+        x0,
+        jax.random.key(0),
+        prediction=prediction,
+        weighting="snr",
+        t=t,
+        noise=noise,
+    )
     np.testing.assert_allclose(loss, snr * x0_err2, rtol=2e-3)
 
 
@@ -224,9 +230,16 @@ def test_snr_weighted_eps_loss_equals_simple_eps_loss() -> None:
 def test_min_snr_weighting_caps_the_snr_weight_at_gamma(prediction: str, gamma: float) -> None:
     x0, noise, t, output, x0_err2, snr = _imperfect_loss_inputs(prediction)
     loss = diffusion.training_loss(
-        lambda x_t, tt: output, SCH, x0, jax.random.key(0), prediction=prediction,
-        weighting="min_snr", min_snr_gamma=gamma, t=t, noise=noise,
-    )  # fmt: skip
+        lambda x_t, tt: output,
+        SCH,
+        x0,
+        jax.random.key(0),
+        prediction=prediction,
+        weighting="min_snr",
+        min_snr_gamma=gamma,
+        t=t,
+        noise=noise,
+    )
     np.testing.assert_allclose(loss, np.minimum(snr, gamma) * x0_err2, rtol=2e-3)
     capped = snr > gamma
     assert capped.any() and (~capped).any()
@@ -255,9 +268,14 @@ def test_label_dropout_replaces_labels_by_the_null_class_at_the_given_rate() -> 
     n, rate, num_classes = 20_000, 0.3, 10
     labels = jnp.arange(n, dtype=jnp.int32) % num_classes
     diffusion.training_loss(
-        model_fn, SCH, jnp.zeros((n, 2)), jax.random.key(4), labels=labels,
-        num_classes=num_classes, label_dropout=rate,
-    )  # fmt: skip
+        model_fn,
+        SCH,
+        jnp.zeros((n, 2)),
+        jax.random.key(4),
+        labels=labels,
+        num_classes=num_classes,
+        label_dropout=rate,
+    )
     got = np.asarray(seen["labels"])
     dropped = got == num_classes
     # Binomial(n, 0.3): 5 standard deviations = 0.016.
@@ -293,7 +311,9 @@ def test_bad_loss_options_raise_value_errors_naming_the_choices() -> None:
     rng = jax.random.key(0)
     with pytest.raises(ValueError, match=r"unknown prediction 'score'.*\('eps', 'x0', 'v'\)"):
         diffusion.training_loss(model, SCH, x0, rng, prediction="score")
-    with pytest.raises(ValueError, match=r"unknown loss weighting 'p2'.*'simple', 'snr', 'min_snr'"):
+    with pytest.raises(
+        ValueError, match=r"unknown loss weighting 'p2'.*'simple', 'snr', 'min_snr'"
+    ):
         diffusion.training_loss(model, SCH, x0, rng, weighting="p2")
     with pytest.raises(ValueError, match="label_dropout > 0 needs labels and num_classes"):
         diffusion.training_loss(model, SCH, x0, rng, labels=jnp.zeros(2, int), label_dropout=0.1)

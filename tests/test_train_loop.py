@@ -14,6 +14,7 @@ import pytest
 from diffusion_jax import train_loop
 from diffusion_jax.checkpointing import NoCheckpointError
 from diffusion_jax.metric_writer import read_metrics
+from tests.conftest import COMPILATION_CACHE_ENV, TINY_OVERRIDES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +77,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "experiments.main", *args],
         cwd=REPO,
+        env={**os.environ, **COMPILATION_CACHE_ENV},
         capture_output=True,
         text=True,
         timeout=300,
@@ -83,20 +85,19 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_applies_overrides_and_writes_resolved_config(digits_data_dir, tmp_path):
+    # The tiny config's values, so the subprocess reuses the programs the other tests compiled.
     workdir = tmp_path / "cli"
     result = _run_cli(
         "--config=configs/digits.py",
         f"--workdir={workdir}",
         f"--config.data.data_dir={digits_data_dir}",
-        "--config.model.ch=32",
-        "--config.model.num_res_blocks=1",
+        *TINY_OVERRIDES,
         "--config.training.num_train_steps=2",
-        "--config.training.batch_size=8",
-        "--config.training.num_grid_samples=2",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((workdir / "config.json").read_text())
     assert config["model"]["ch"] == 32 and config["training"]["num_train_steps"] == 2
+    assert config["data"]["data_dir"] == digits_data_dir
     assert os.listdir(workdir / "checkpoints") == ["2"]
 
 

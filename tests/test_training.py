@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,8 @@ def _setup(config):
     model = training.create_model(config.model, num_classes=10)
     optimizer = training.create_optimizer(config.training)
     schedule = schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    state = training.init_train_state(model, optimizer, jax.random.PRNGKey(0), (8, 8, 1))
+    init = functools.partial(training.init_train_state, model, optimizer, image_shape=(8, 8, 1))
+    state = jax.jit(init)(jax.random.PRNGKey(0))
     step = jax.jit(
         training.make_train_step(
             model, schedule, optimizer, config.diffusion, config.training.ema_decay
