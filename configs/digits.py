@@ -1,6 +1,6 @@
 """The embedded default: sklearn's 8x8 digits, trained on 2 CPU cores in about 10 minutes.
 
-    python -m experiments.main --config=configs/digits.py --workdir=workdirs/digits
+python -m experiments.main --config=configs/digits.py --workdir=workdirs/digits
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.name = "digits"
     config.data.image_size = 8
 
-    config.model.ch = 64
+    config.model.ch = 32
     config.model.ch_mult = (1, 2)
     config.model.num_res_blocks = 2
     config.model.attn_resolutions = (4,)
@@ -24,13 +24,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.schedule = "cosine"
     config.diffusion.prediction = "eps"
 
-    config.training.num_train_steps = 4000
+    config.training.num_train_steps = 2000
     config.training.batch_size = 128
     config.training.learning_rate = 1e-3
-    config.training.warmup_steps = 200
-    config.training.ema_decay = 0.999
+    config.training.warmup_steps = 100
+    config.training.ema_decay = 0.998
     config.training.log_every = 100
-    config.training.checkpoint_every = 1000
+    config.training.checkpoint_every = 500
     config.training.num_grid_samples = 100
 
     config.sampling.sampler = "dpm_solver++"

@@ -38,23 +38,28 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
             dropout=config.model.dropout,
         )
     )
-    _reraise(lambda: samplers.validate_sampler_args(
-        sampler=config.sampling.sampler,
-        num_steps=config.sampling.num_steps,
-        num_timesteps=config.diffusion.num_timesteps,
-        eta=config.sampling.eta,
-        prediction=config.diffusion.prediction,
-        timestep_spacing=config.sampling.timestep_spacing,
-        variance=config.sampling.variance,
-        temperature=config.sampling.temperature,
-    ))
+    _reraise(
+        lambda: samplers.validate_sampler_args(
+            sampler=config.sampling.sampler,
+            num_steps=config.sampling.num_steps,
+            num_timesteps=config.diffusion.num_timesteps,
+            eta=config.sampling.eta,
+            prediction=config.diffusion.prediction,
+            timestep_spacing=config.sampling.timestep_spacing,
+            variance=config.sampling.variance,
+            temperature=config.sampling.temperature,
+        )
+    )
 
 
 def _check_ranges(config: ml_collections.ConfigDict) -> None:
     d, m, t, s = config.diffusion, config.model, config.training, config.sampling
     checks: list[tuple[bool, str]] = [
         (config.data.image_size >= 1, "data.image_size must be a positive integer"),
-        (m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}; use 'float32' or 'bfloat16'"),
+        (
+            m.dtype in ("float32", "bfloat16"),
+            f"model.dtype={m.dtype!r}; use 'float32' or 'bfloat16'",
+        ),
         (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}; use a value in [0, 1)"),
         (m.num_res_blocks >= 1, f"model.num_res_blocks={m.num_res_blocks}; use 1 or more"),
         (

@@ -10,13 +10,13 @@ from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-    """Appends `{"step": s, name: value, ...}` lines; only enabled on process 0 in multi-host runs."""
+    """Appends `{"step": s, name: value, ...}` lines; enabled on process 0 only (multi-host)."""
 
     def __init__(self, workdir: str, *, enabled: bool = True) -> None:
         self._enabled = enabled
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
             self._tensorboard = SummaryWriter(logdir=workdir)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:

@@ -7,7 +7,7 @@ the images written for a seed do not depend on the sampling batch size or the de
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,7 @@ def make_sample_fn(
         params: PyTree, rng: jax.Array, sample_ids: jax.Array, labels: jax.Array | None
     ) -> jax.Array:
         def model_fn(x_t: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
-            return model.apply({"params": params}, x_t, t, labels, train=False)
+            return cast(jax.Array, model.apply({"params": params}, x_t, t, labels, train=False))
 
         return samplers.sample(
             model_fn,

@@ -38,7 +38,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 class _Setup:
-    """What both modes derive from a config: mesh, data description, model, schedule, state shape."""
+    """What both modes derive from a config: mesh, data info, model, schedule, state shape."""
 
     def __init__(self, config: ml_collections.ConfigDict) -> None:
         self.mesh = parallel.create_mesh()
@@ -80,12 +80,12 @@ class _Setup:
         return functools.partial(
             sampling.sample_labels,
             sampling_config=config.sampling,
-            num_classes=self.info.num_classes,
+            num_classes=self.info.num_classes or 1,
         )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainState:
-    """Train (or resume training) until `config.training.num_train_steps`; returns the final state."""
+    """Train (or resume) until `config.training.num_train_steps`; returns the final state."""
     validate_config(config, num_devices=jax.device_count())
     setup = _Setup(config)
     tcfg = config.training
@@ -180,7 +180,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     path = os.path.join(workdir, "samples", sampling.sample_name(scfg) + ".npz")
     if _is_chief():
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _atomic_savez(path, images=samples)
+        _atomic_savez(path, samples)
         images.save_grid(path[: -len(".npz")] + ".png", samples[: min(len(samples), 100)])
         with open(path[: -len(".npz")] + ".json", "w") as f:
             json.dump({"step": int(state.step), "sampling": scfg.to_dict()}, f, indent=2)
@@ -216,9 +216,9 @@ def _grid_batch_size(num_samples: int, mesh: jax.sharding.Mesh) -> int:
     return -(-num_samples // devices) * devices
 
 
-def _atomic_savez(path: str, **arrays: np.ndarray) -> None:
+def _atomic_savez(path: str, samples: np.ndarray) -> None:
     tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
+    np.savez(tmp, images=samples)
     os.replace(tmp, path)
 
 

@@ -8,8 +8,9 @@ devices or hosts share the batch (JAX's threefry is partitionable).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import flax
 import jax
@@ -18,6 +19,7 @@ import ml_collections
 import optax
 
 from diffusion_jax import diffusion, schedules
+from diffusion_jax.config_validation import ConfigError
 from diffusion_jax.models.unet import UNet
 
 PyTree = Any
@@ -37,8 +39,12 @@ class TrainState:
     rng: jax.Array
 
 
-def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> UNet:
-    """The U-Net a config describes; `num_classes` enables the class embedding when conditional."""
+def create_model(model_config: ml_collections.ConfigDict, num_classes: int | None) -> UNet:
+    """The U-Net a config describes; `num_classes` (the dataset's) sizes the class embedding."""
+    if model_config.class_conditional and not num_classes:
+        raise ConfigError(
+            "model.class_conditional=True needs a labelled dataset; this one has no labels"
+        )
     return UNet(
         ch=model_config.ch,
         ch_mult=tuple(model_config.ch_mult),
@@ -51,7 +57,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> U
 
 
 def create_optimizer(training_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam(W) with linear warmup to a constant rate and optional global-norm clipping (Ho et al.)."""
+    """Adam(W), linear warmup to a constant rate, optional global-norm clipping (Ho et al.)."""
     lr = optax.join_schedules(
         [
             optax.linear_schedule(0.0, training_config.learning_rate, training_config.warmup_steps),
@@ -109,9 +115,10 @@ def make_train_step(
         dropout_rng, loss_rng = jax.random.split(rng)
 
         def model_fn(x_t: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
-            return model.apply(
+            out = model.apply(
                 {"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_rng}
             )
+            return cast(jax.Array, out)
 
         per_example = diffusion.training_loss(
             model_fn,
@@ -133,8 +140,8 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
+        new_state = dataclasses.replace(
+            state, step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
         )
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return new_state, metrics

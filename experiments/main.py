@@ -9,8 +9,11 @@ Rerunning a train command on the same workdir resumes from its latest checkpoint
 
 from __future__ import annotations
 
+import logging as std_logging
+import runpy
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -25,10 +28,21 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Keep our progress lines; drop the checkpoint and data libraries' INFO chatter."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        noisy = any(
+            part in record.pathname for part in ("/orbax/", "/grain/", "/tensorflow_datasets/")
+        )
+        return record.levelno >= std_logging.WARNING or not noisy
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     config, workdir = _CONFIG.value, _WORKDIR.value
     try:
         if _MODE.value == "train":
@@ -41,5 +55,35 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {error}")
 
 
+def _unknown_override_keys(argv: list[str]) -> str | None:
+    """The first `--config.a.b=` override naming no key of the config file, as an error line.
+
+    ml_collections would raise a bare AttributeError deep inside flag parsing; this says which
+    key is unknown and which keys exist there instead.
+    """
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_arg is None:
+        return None
+    path, _, arg = config_arg.partition(":")
+    try:
+        get_config = runpy.run_path(path)["get_config"]
+        config = get_config(arg) if arg else get_config()
+    except Exception:  # a broken config file: config_flags reports it with its traceback
+        return None
+    for flag in argv:
+        if not flag.startswith("--config."):
+            continue
+        node, keys = config, flag[len("--config.") :].split("=", 1)[0].split(".")
+        for depth, key in enumerate(keys):
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                where = ".".join(keys[:depth]) or "the config"
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+                return f"error: unknown config key {'.'.join(keys)!r}; keys in {where}: {known}"
+            node = node[key]
+    return None
+
+
 if __name__ == "__main__":
+    if error := _unknown_override_keys(sys.argv[1:]):
+        sys.exit(error)
     app.run(main)

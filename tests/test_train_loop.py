@@ -107,6 +107,7 @@ def test_cli_applies_overrides_and_writes_resolved_config(digits_data_dir, tmp_p
         (["--mode=sample"], "no checkpoint in"),
         (["--config.data.name=mnist"], "tfds build mnist"),
         (["--config.sampling.sampler=euler"], "sampler"),
+        (["--config.training.batch_sise=8"], "unknown config key 'training.batch_sise'"),
     ],
 )
 def test_cli_bad_input_exits_with_one_line_error(overrides, message, tmp_path):
@@ -120,3 +121,34 @@ def test_cli_bad_input_exits_with_one_line_error(overrides, message, tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and message in last_line, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_training_over_four_devices_matches_one_device(tiny_config, digits_data_dir, tmp_path):
+    """The global batch is split over 4 (fake CPU) devices; losses match the 1-device run."""
+    single = tmp_path / "single"
+    train_loop.train(tiny_config, str(single))
+
+    multi = tmp_path / "multi"
+    env = {**os.environ, **COMPILATION_CACHE_ENV}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.main",
+            "--config=configs/digits.py",
+            f"--workdir={multi}",
+            f"--config.data.data_dir={digits_data_dir}",
+            *TINY_OVERRIDES,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = {
+        name: [r["loss"] for r in read_metrics(str(d))] for name, d in [("1", single), ("4", multi)]
+    }
+    np.testing.assert_allclose(losses["4"], losses["1"], rtol=1e-4)

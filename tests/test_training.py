@@ -38,8 +38,9 @@ def test_ema_starts_as_a_copy_of_params_and_tracks_them_with_the_decay(tiny_conf
 
     decay = tiny_config.training.ema_decay
     new_state, _ = train_step(state, _digits_batch(tiny_config))
-    expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params,
-                            new_state.params)
+    expected = jax.tree.map(
+        lambda e, p: decay * e + (1 - decay) * p, state.ema_params, new_state.params
+    )
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(new_state.ema_params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert int(new_state.step) == 1
