@@ -55,6 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
     training.max_checkpoints_to_keep = 3
     training.sample_every = 0  # 0 = only at the end of training
     training.num_grid_samples = 64
+    # Steps with a non-finite loss or gradient are skipped; this many in a row stop the run.
+    training.max_consecutive_nonfinite = 10
+    # Test hooks (leave at their defaults): steps (1-based, as logged) whose batch images are
+    # replaced by NaN, and seconds to pause right after each checkpoint save starts.
+    training.debug_nan_steps = ()
+    training.debug_sleep_after_save = 0.0
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.sampler = "ddim"  # 'ddpm' | 'ddim' | 'dpm_solver++' | 'heun'

@@ -4,22 +4,39 @@ A checkpoint is one orbax step directory holding two items: 'state' (`TrainState
 'data' (the Grain iterator state), so a resumed run sees exactly the batches it would have
 seen. Orbax writes into a temporary directory and renames it when complete, so a crash
 mid-save leaves the previous checkpoint as the latest; leftover temporaries are removed.
+
+Faults: a checkpoint that cannot be read back (missing or garbled files, non-finite values) is
+moved to `<workdir>/corrupt_checkpoints/<step>` with a warning and the previous one is used
+(`restore_latest_readable`); a failed save (disk full, permissions) raises
+`CheckpointSaveError`, leaving the earlier checkpoints untouched.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 
 PyTree = Any
 
 
 class NoCheckpointError(FileNotFoundError):
     """Raised when a mode that needs a trained model finds no checkpoint in the workdir."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; earlier checkpoints are intact."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """No checkpoint in the workdir could be read back."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -47,13 +64,22 @@ def require_checkpoint(workdir: str) -> None:
 class Checkpointer:
     """Saves and restores `(state, data_iterator)` pairs under `<workdir>/checkpoints`."""
 
-    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        max_to_keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ) -> None:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
+        self._workdir = workdir
         self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
     def latest_step(self) -> int | None:
@@ -61,11 +87,17 @@ class Checkpointer:
 
     def save(self, step: int, state: PyTree, data_iterator: Any | None = None) -> None:
         """Start saving `state` (and the iterator position) as `step`; returns before it is on disk
-        when async. The iterator state is captured now, so the caller may keep iterating."""
+        when async. The iterator state is captured now, so the caller may keep iterating.
+
+        Raises `CheckpointSaveError` when this save, or the previous asynchronous one, failed.
+        """
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as error:  # orbax wraps I/O errors in several types; report them all
+            raise self._save_error(step, error) from error
 
     def restore(
         self,
@@ -84,11 +116,91 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
+    def restore_latest_readable(
+        self, abstract_state: PyTree, data_iterator: Any | None = None
+    ) -> PyTree | None:
+        """Restore the newest checkpoint that reads back completely and holds finite values.
+
+        Newer unreadable checkpoints are moved to `<workdir>/corrupt_checkpoints/<step>` (kept
+        for inspection, and out of the way of that step being saved again) with a warning.
+        Returns None when there is no checkpoint. When none is readable, nothing is moved and
+        `CorruptCheckpointError` is raised.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        failures: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                state = self.restore(abstract_state, data_iterator, step=step)
+                if not all_finite(state):
+                    raise ValueError("it holds NaN or Inf values")
+            except Exception as error:  # any failure to read means: try the previous one
+                message = str(error).splitlines()[0] if str(error) else ""
+                failures.append((step, f"{type(error).__name__}: {message}"))
+                continue
+            for bad_step, reason in failures:
+                moved_to = self._quarantine(bad_step)
+                logging.warning(
+                    "Checkpoint %d in %s is unreadable (%s); moved it to %s and resuming from "
+                    "checkpoint %d instead.",
+                    bad_step,
+                    checkpoint_dir(self._workdir),
+                    reason,
+                    moved_to,
+                    step,
+                )
+            return state
+        if steps:
+            raise CorruptCheckpointError(
+                f"none of the checkpoints {sorted(steps)} in {checkpoint_dir(self._workdir)} "
+                f"could be read (step {failures[0][0]}: {failures[0][1]}); if the model config "
+                "changed, restore the old one, else use a new --workdir to start over"
+            )
+        return None
+
+    def _quarantine(self, step: int) -> str:
+        target = os.path.join(os.path.abspath(self._workdir), "corrupt_checkpoints", str(step))
+        if os.path.exists(target):
+            target += f".{int(time.time())}"
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(os.path.join(checkpoint_dir(self._workdir), str(step)), target)
+        self._manager.reload()
+        return target
+
+    def _save_error(self, step: int, error: BaseException) -> CheckpointSaveError:
+        intact = [s for s in finished_steps(self._workdir) if s != step]
+        kept = f"checkpoint {intact[-1]} is intact" if intact else "no earlier checkpoint exists"
+        return CheckpointSaveError(
+            f"saving checkpoint {step} to {checkpoint_dir(self._workdir)} failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            f"{kept}; free disk space or fix permissions and rerun to resume"
+        )
+
     def wait_until_finished(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the asynchronous save is on disk; `CheckpointSaveError` if it failed."""
+        step = self._manager.latest_step()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_error(step if step is not None else -1, error) from error
 
     def close(self) -> None:
         self._manager.close()
+
+
+@jax.jit
+def _all_finite(tree: PyTree) -> jax.Array:
+    """bool (): every floating-point leaf of `tree` is finite."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def all_finite(tree: PyTree) -> bool:
+    """Whether every floating-point leaf of `tree` is finite (one jitted reduction)."""
+    return bool(_all_finite(tree))
 
 
 def abstract_like(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:

@@ -7,7 +7,10 @@ and how to fix it. Unknown keys and wrong types are already refused by ml_collec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
@@ -50,6 +53,102 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
             temperature=config.sampling.temperature,
         )
     )
+    _reraise(
+        lambda: samplers.validate_on_schedule(
+            schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps),
+            sampler=config.sampling.sampler,
+            num_steps=config.sampling.num_steps,
+            eta=config.sampling.eta,
+            timestep_spacing=config.sampling.timestep_spacing,
+        )
+    )
+
+
+def validate_against_dataset(config: ml_collections.ConfigDict, num_classes: int | None) -> None:
+    """The checks that need the dataset's description (after it is found, before compiling)."""
+    if config.model.class_conditional and not num_classes:
+        raise ConfigError(
+            f"model.class_conditional=True needs a labelled dataset; {config.data.name!r} has no "
+            "labels: set model.class_conditional=False"
+        )
+    label = config.sampling.label
+    if label >= 0 and not config.model.class_conditional:
+        raise ConfigError(
+            f"sampling.label={label} needs a class-conditional model; leave sampling.label=-1 "
+            "or train with model.class_conditional=True"
+        )
+    if config.model.class_conditional and not -1 <= label < (num_classes or 0):
+        raise ConfigError(
+            f"sampling.label={label} is not a class of {config.data.name!r}; use -1 (all "
+            f"classes in turn) or 0..{(num_classes or 0) - 1}"
+        )
+
+
+# Keys that fix the shapes of the saved state or the meaning of its parameters: resuming a run
+# with any of them changed would fail to restore, or silently train a different model.
+RESUME_LOCKED_KEYS = (
+    "model",
+    "data.name",
+    "data.image_size",
+    "diffusion.schedule",
+    "diffusion.num_timesteps",
+    "diffusion.prediction",
+)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def locked_key_changes(
+    saved: Mapping[str, Any], config: ml_collections.ConfigDict
+) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each `RESUME_LOCKED_KEYS` entry that differs.
+
+    saved: a run's `config.json` as loaded by `json`; `config` is compared in the same JSON form
+    (tuples as lists), so an unchanged value never counts as a change.
+    """
+    old = _flatten(saved)
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == k or key.startswith(k + ".") for k in RESUME_LOCKED_KEYS):
+            if old.get(key) != new.get(key):
+                changes.append((key, old.get(key), new.get(key)))
+    return changes
+
+
+def check_resume_compatible(
+    saved: Mapping[str, Any], config: ml_collections.ConfigDict, *, workdir: str
+) -> None:
+    """Raise `ConfigError` naming the keys (and the override flag) when `config` changes a
+    `RESUME_LOCKED_KEYS` value of the run saved in `workdir`."""
+    changes = locked_key_changes(saved, config)
+    if changes:
+        diff = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+        raise ConfigError(
+            f"--workdir={workdir} holds checkpoints of a run with a different config ({diff}); "
+            "use a new --workdir, or pass --allow_config_change to use the new config anyway"
+        )
+
+
+def check_workdir_writable(workdir: str) -> None:
+    """Raise `ConfigError` unless `workdir` exists (or can be created) and accepts a file."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check"):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(
+            f"--workdir={workdir} is not writable ({reason}); choose a directory you can write to"
+        ) from None
 
 
 def _check_ranges(config: ml_collections.ConfigDict) -> None:
@@ -88,6 +187,14 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
         ),
         (t.sample_every >= 0, f"training.sample_every={t.sample_every}; use >= 0 (0 = at the end)"),
         (t.num_grid_samples >= 1, f"training.num_grid_samples={t.num_grid_samples}; use >= 1"),
+        (
+            t.max_consecutive_nonfinite >= 1,
+            f"training.max_consecutive_nonfinite={t.max_consecutive_nonfinite}; use 1 or more",
+        ),
+        (
+            t.debug_sleep_after_save >= 0,
+            f"training.debug_sleep_after_save={t.debug_sleep_after_save}; use >= 0",
+        ),
         (s.num_samples >= 1, f"sampling.num_samples={s.num_samples}; use 1 or more"),
         (s.temperature >= 0, f"sampling.temperature={s.temperature}; use >= 0"),
         (s.guidance_scale >= 0, f"sampling.guidance_scale={s.guidance_scale}; use >= 0"),
@@ -95,6 +202,11 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if s.guidance_scale != 1.0 and m.class_conditional and d.label_dropout == 0:
+        raise ConfigError(
+            "sampling.guidance_scale needs an unconditional model too: train with "
+            "diffusion.label_dropout > 0 (e.g. 0.1), or leave guidance_scale=1.0"
+        )
     if s.guidance_scale != 1.0 and not m.class_conditional:
         raise ConfigError(
             "sampling.guidance_scale needs a class-conditional model; set "

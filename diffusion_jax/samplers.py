@@ -129,6 +129,16 @@ def validate_sampler_args(
         raise ValueError(f"temperature must be >= 0; got {temperature!r}")
 
 
+def validate_on_schedule(
+    sch: Schedule, *, sampler: str, num_steps: int, eta: float, timestep_spacing: str = "linspace"
+) -> None:
+    """The checks that need the schedule's values (pure numpy, nothing traced): a DDIM `eta`
+    whose noise would exceed 1 - alpha_bar on the chosen timesteps raises ValueError."""
+    if sampler == "ddim" and eta > 0:
+        timesteps = get_timesteps(sch.num_timesteps, num_steps, timestep_spacing)
+        _ddim_coefficients(np.asarray(sch.alphas_cumprod)[timesteps], eta)
+
+
 def _fix_strictly_decreasing(timesteps: np.ndarray, num_timesteps: int) -> np.ndarray:
     """Make rounded timesteps (N,) unique and strictly decreasing within [0, T-1], keeping the
     last at 0; a no-op on sequences that already are (N <= T guarantees a solution)."""

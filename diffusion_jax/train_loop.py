@@ -1,9 +1,11 @@
 """The training and sampling programs behind `experiments/main.py`, as library functions.
 
-`train(config, workdir)` resumes from the latest checkpoint in `workdir` when there is one, so
-rerunning the same command continues a run. `sample(config, workdir)` writes
-`samples/<name>.npz` (uint8 NHWC under 'images') and a PNG grid from the EMA parameters.
-Progress goes through `absl.logging`; nothing is printed.
+`train(config, workdir)` resumes from the latest readable checkpoint in `workdir` when there is
+one, so rerunning the same command continues a run, bit for bit, after any interruption:
+SIGKILL, a crash or SIGTERM (which saves a checkpoint at the current step and returns).
+`metrics.jsonl` is truncated on resume to the records up to the restored step, so each step
+appears once. `sample(config, workdir)` writes `samples/<name>.npz` (uint8 NHWC under 'images')
+and a PNG grid from the EMA parameters. Progress goes through `absl.logging`; nothing is printed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import threading
 import time
+from types import FrameType, TracebackType
 from typing import Any
 
 import jax
@@ -20,7 +25,14 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import checkpointing, images, parallel, sampling, schedules, training
-from diffusion_jax.config_validation import validate_config
+from diffusion_jax.config_validation import (
+    ConfigError,
+    check_resume_compatible,
+    check_workdir_writable,
+    locked_key_changes,
+    validate_against_dataset,
+    validate_config,
+)
 from diffusion_jax.data import pipeline
 from diffusion_jax.metric_writer import MetricWriter
 
@@ -29,12 +41,89 @@ def _is_chief() -> bool:
     return jax.process_index() == 0
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite values for too many consecutive steps."""
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Save the resolved config as `<workdir>/config.json` (process 0 only)."""
+    """Save the resolved config as `<workdir>/config.json` (process 0 only), atomically."""
     if _is_chief():
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        os.replace(path + ".tmp", path)
+
+
+def _check_saved_config(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+) -> None:
+    """Refuse (or, when allowed, warn about) a resume that changes the model's shape or meaning."""
+    path = os.path.join(workdir, "config.json")
+    if not checkpointing.finished_steps(workdir) or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        logging.warning("Cannot read %s (%s); not comparing configs.", path, error)
+        return
+    if not allow_config_change:
+        check_resume_compatible(saved, config, workdir=workdir)
+    elif changes := locked_key_changes(saved, config):
+        logging.warning(
+            "Resuming with a changed config (--allow_config_change): %s",
+            ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes),
+        )
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+    """Keep the `metrics.jsonl` records up to `step` (the restored one), so the steps that a
+    killed run logged after its last checkpoint, and will log again, appear once. Also drops a
+    line cut short by the kill."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not _is_chief() or not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(json.dumps(record) + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+class _SigtermFlag:
+    """Within `with`, SIGTERM sets `received` instead of killing the process (main thread only:
+    Python allows handlers nowhere else)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True  # no logging here: the handler may interrupt a logging call
+
+    def __enter__(self) -> _SigtermFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class _Setup:
@@ -42,7 +131,13 @@ class _Setup:
 
     def __init__(self, config: ml_collections.ConfigDict) -> None:
         self.mesh = parallel.create_mesh()
-        self.info = pipeline.dataset_info(config.data)
+        try:
+            self.info = pipeline.dataset_info(config.data)
+        except pipeline.DatasetNotPreparedError:
+            raise
+        except ValueError as error:  # e.g. an unknown dataset name
+            raise ConfigError(f"data.name={config.data.name!r}: {error}") from None
+        validate_against_dataset(config, self.info.num_classes)
         self.image_shape: tuple[int, int, int] = tuple(self.info.image_shape)  # type: ignore[assignment]
         self.model = training.create_model(config.model, self.info.num_classes)
         self.schedule = schedules.get_schedule(
@@ -84,12 +179,54 @@ class _Setup:
         )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainState:
-    """Train (or resume) until `config.training.num_train_steps`; returns the final state."""
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> training.TrainState:
+    """Train (or resume) until `config.training.num_train_steps`; returns the final state.
+
+    Before anything is compiled, refuses (`ConfigError`) an invalid config, an unwritable
+    workdir, and a workdir whose checkpoints were written with different
+    `config_validation.RESUME_LOCKED_KEYS` values unless `allow_config_change`. On SIGTERM it
+    saves a checkpoint at the current step and returns the state early. Raises `NonFiniteError`
+    after `training.max_consecutive_nonfinite` skipped steps in a row, and
+    `checkpointing.CheckpointSaveError` when a save fails.
+    """
     validate_config(config, num_devices=jax.device_count())
+    check_workdir_writable(workdir)
+    _check_saved_config(config, workdir, allow_config_change)
     setup = _Setup(config)
-    tcfg = config.training
     write_config(config, workdir)
+    checkpointer = checkpointing.Checkpointer(
+        workdir, max_to_keep=config.training.max_checkpoints_to_keep
+    )
+    with _SigtermFlag() as sigterm:
+        try:
+            state = _train(config, workdir, setup, checkpointer, sigterm)
+        except BaseException:
+            _close_after_error(checkpointer)
+            raise
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    return state
+
+
+def _close_after_error(checkpointer: checkpointing.Checkpointer) -> None:
+    """Let an in-flight save finish (it is a valid checkpoint) without masking the error."""
+    try:
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+    except Exception as error:
+        logging.warning("Closing the checkpointer after an error failed too: %s", error)
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    setup: _Setup,
+    checkpointer: checkpointing.Checkpointer,
+    sigterm: _SigtermFlag,
+) -> training.TrainState:
+    tcfg = config.training
     data_iter = pipeline.train_iterator(
         config.data,
         seed=config.seed,
@@ -97,13 +234,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    checkpointer = checkpointing.Checkpointer(workdir, max_to_keep=tcfg.max_checkpoints_to_keep)
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(setup.abstract_state, data_iter)
+    restored = checkpointer.restore_latest_readable(setup.abstract_state, data_iter)
+    if restored is not None:
+        state = restored
         logging.info("Resumed from step %d in %s", int(state.step), workdir)
     else:
         state = setup.init_state(jax.random.PRNGKey(config.seed))
         logging.info("Starting a new run in %s", workdir)
+    step = last_saved = int(state.step)
+    _truncate_metrics(workdir, step)
 
     train_step = jax.jit(
         training.make_train_step(
@@ -115,49 +254,115 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> training.TrainStat
     )
     writer = MetricWriter(workdir, enabled=_is_chief())
     grid_fn = setup.sample_fn(config, _grid_batch_size(tcfg.num_grid_samples, setup.mesh))
-    step = int(state.step)
-    window_start, window_steps = time.perf_counter(), 0
-    while step < tcfg.num_train_steps:
-        batch = parallel.global_batch(next(data_iter), setup.mesh)
-        state, metrics = train_step(state, batch)
-        step += 1
-        window_steps += 1
-        if step % tcfg.log_every == 0 or step == tcfg.num_train_steps:
-            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            elapsed = time.perf_counter() - window_start
-            scalars["steps_per_sec"] = window_steps / elapsed
-            scalars["images_per_sec"] = scalars["steps_per_sec"] * tcfg.batch_size
-            writer.write(step, scalars)
-            eta = (tcfg.num_train_steps - step) / scalars["steps_per_sec"]
-            logging.info(
-                "step %d/%d  loss %.4f  %.2f steps/s  ETA %s",
+    nan_steps = set(tcfg.debug_nan_steps)
+    save_seconds, num_saves = 0.0, 0
+
+    def save() -> None:
+        nonlocal last_saved, save_seconds, num_saves
+        if not checkpointing.all_finite(state):  # the step guard should make this unreachable
+            raise NonFiniteError(f"the state at step {step} holds NaN or Inf; not saving it")
+        started = time.perf_counter()
+        checkpointer.save(step, state, data_iter)
+        save_seconds += time.perf_counter() - started
+        num_saves += 1
+        last_saved = step
+        if tcfg.debug_sleep_after_save:
+            time.sleep(tcfg.debug_sleep_after_save)
+
+    loop_start = time.perf_counter()
+    window_start, window_steps = loop_start, 0
+    try:
+        while step < tcfg.num_train_steps and not sigterm.received:
+            host_batch = next(data_iter)
+            if step + 1 in nan_steps:
+                host_batch = {**host_batch, "image": np.full_like(host_batch["image"], np.nan)}
+            batch = parallel.global_batch(host_batch, setup.mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            window_steps += 1
+            # One scalar per step (a sync point): skipped steps are reported when they happen.
+            consecutive = int(metrics["consecutive_nonfinite"])
+            stopping = consecutive >= tcfg.max_consecutive_nonfinite
+            if step % tcfg.log_every == 0 or step == tcfg.num_train_steps or stopping:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                scalars["steps_per_sec"] = window_steps / elapsed
+                scalars["images_per_sec"] = scalars["steps_per_sec"] * tcfg.batch_size
+                writer.write(step, scalars)
+                eta = (tcfg.num_train_steps - step) / scalars["steps_per_sec"]
+                logging.info(
+                    "step %d/%d  loss %.4f  %.2f steps/s  ETA %s",
+                    step,
+                    tcfg.num_train_steps,
+                    scalars["loss"],
+                    scalars["steps_per_sec"],
+                    _format_seconds(eta),
+                )
+                window_start, window_steps = time.perf_counter(), 0
+            if consecutive:
+                _report_nonfinite(step, consecutive, last_saved, tcfg.max_consecutive_nonfinite)
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.num_train_steps:
+                save()
+            if (tcfg.sample_every and step % tcfg.sample_every == 0) or (
+                step == tcfg.num_train_steps
+            ):
+                _write_training_grid(setup, config, grid_fn, state, workdir, step)
+        if sigterm.received:
+            logging.warning(
+                "SIGTERM at step %d: saving a checkpoint and stopping; rerun the same command "
+                "to resume.",
                 step,
-                tcfg.num_train_steps,
-                scalars["loss"],
-                scalars["steps_per_sec"],
-                _format_seconds(eta),
             )
-            window_start, window_steps = time.perf_counter(), 0
-        if step % tcfg.checkpoint_every == 0 or step == tcfg.num_train_steps:
-            checkpointer.save(step, state, data_iter)
-        if (tcfg.sample_every and step % tcfg.sample_every == 0) or step == tcfg.num_train_steps:
-            _write_training_grid(setup, config, grid_fn, state, workdir, step)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    writer.close()
+            if step > last_saved:
+                save()
+    finally:
+        writer.close()
+    loop_seconds = time.perf_counter() - loop_start
+    logging.info(
+        "Checkpointing blocked training for %.2f s over %d saves (%.1f%% of %.1f s).",
+        save_seconds,
+        num_saves,
+        100.0 * save_seconds / max(loop_seconds, 1e-9),
+        loop_seconds,
+    )
     return state
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+def _report_nonfinite(step: int, consecutive: int, last_saved: int, limit: int) -> None:
+    """Warn about a skipped step; raise `NonFiniteError` once `limit` are skipped in a row."""
+    logging.warning(
+        "step %d: non-finite loss or gradients; update skipped (%d in a row, limit %d)",
+        step,
+        consecutive,
+        limit,
+    )
+    if consecutive >= limit:
+        kept = f"Checkpoint {last_saved} holds" if last_saved else "No checkpoint has"
+        raise NonFiniteError(
+            f"{consecutive} consecutive steps up to step {step} had a non-finite loss or "
+            f"gradients (training.max_consecutive_nonfinite={limit}); stopped. {kept} "
+            "non-finite values: lower training.learning_rate, set training.grad_clip or check "
+            "the data, then rerun to resume"
+        )
+
+
+def sample(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> str:
     """Write `<workdir>/samples/<name>.npz` and `.png` from the latest checkpoint's EMA params.
 
-    Returns the path of the .npz file.
+    Refuses (`ConfigError`) a config whose model, data or diffusion keys differ from the run's
+    saved `config.json` (sampling a v-prediction model as eps would give wrong images silently)
+    unless `allow_config_change`. Returns the path of the .npz file.
     """
     scfg = config.sampling
     validate_config(config, num_devices=jax.device_count())
     checkpointing.require_checkpoint(workdir)
+    _check_saved_config(config, workdir, allow_config_change)
     setup = _Setup(config)
-    checkpointer = checkpointing.Checkpointer(workdir, async_save=False)
+    # Read-only: a manager that may write would delete the tmp dir of a save in flight when
+    # sampling from a workdir that is still training.
+    checkpointer = checkpointing.Checkpointer(workdir, async_save=False, read_only=True)
     state = checkpointer.restore(setup.abstract_state)
     checkpointer.close()
     batches = sampling.generate_batches(

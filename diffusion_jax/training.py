@@ -4,6 +4,12 @@ Everything that determines the future of a run lives in `TrainState`, so a check
 (plus the data iterator's position) resumes a run exactly. The per-step randomness is
 `fold_in(state.rng, state.step)`: it depends only on the seed and the step, never on how many
 devices or hosts share the batch (JAX's threefry is partitionable).
+
+A step whose loss or gradients are not finite is skipped: params, optimizer state and EMA stay
+as they were, while `step` still advances (the data iterator has consumed the batch, so data
+position and per-step randomness stay aligned with an unbroken run). `nonfinite_steps` counts
+skipped steps over the run and `consecutive_nonfinite` the current streak, which the training
+loop compares with `training.max_consecutive_nonfinite`.
 """
 
 from __future__ import annotations
@@ -30,13 +36,16 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @flax.struct.dataclass
 class TrainState:
-    """step: int32 (); rng: uint32 (2,) base key; params/opt_state/ema_params: pytrees."""
+    """step: int32 (); rng: uint32 (2,) base key; params/opt_state/ema_params: pytrees;
+    nonfinite_steps, consecutive_nonfinite: int32 () counts of skipped (non-finite) steps."""
 
     step: jax.Array
     params: PyTree
     opt_state: PyTree
     ema_params: PyTree
     rng: jax.Array
+    nonfinite_steps: jax.Array
+    consecutive_nonfinite: jax.Array
 
 
 def create_model(model_config: ml_collections.ConfigDict, num_classes: int | None) -> UNet:
@@ -94,6 +103,8 @@ def init_train_state(
         opt_state=optimizer.init(params),
         ema_params=params,
         rng=state_rng,
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+        consecutive_nonfinite=jnp.zeros((), jnp.int32),
     )
 
 
@@ -108,6 +119,8 @@ def make_train_step(
 
     batch: {'image': float32 (B, H, W, C) in [-1, 1], 'label': int32 (B,)}. The loss is the mean
     over the global batch, so the same batch on 1 or N devices gives the same update.
+    metrics: float32 () 'loss', 'grad_norm'; int32 () 'nonfinite' (1 if this step was skipped),
+    'nonfinite_steps' and 'consecutive_nonfinite' (the state's counters after the step).
     """
     conditional = model.num_classes is not None
 
@@ -137,13 +150,34 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng)
+        grad_norm = optax.tree.norm(grads)
+        # The norm is non-finite iff some gradient entry is (or the norm overflows): one check.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+
+        def keep_if_bad(new: PyTree, old: PyTree) -> PyTree:
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        bad = (~finite).astype(jnp.int32)
+        consecutive = jnp.where(finite, 0, state.consecutive_nonfinite + 1)
         new_state = dataclasses.replace(
-            state, step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
+            state,
+            step=state.step + 1,
+            params=keep_if_bad(params, state.params),
+            opt_state=keep_if_bad(opt_state, state.opt_state),
+            ema_params=keep_if_bad(ema_params, state.ema_params),
+            nonfinite_steps=state.nonfinite_steps + bad,
+            consecutive_nonfinite=consecutive.astype(jnp.int32),
         )
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "nonfinite": bad,
+            "nonfinite_steps": new_state.nonfinite_steps,
+            "consecutive_nonfinite": new_state.consecutive_nonfinite,
+        }
         return new_state, metrics
 
     return train_step

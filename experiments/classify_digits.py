@@ -1,6 +1,6 @@
 r"""Report which digit classes a samples file contains, per a classifier trained on real digits.
 
-python -m experiments.classify_digits --samples=workdirs/digits/samples/dpm_solverp20_seed0.npz
+python -m experiments.classify_digits --samples=workdirs/digits/samples/dpm_solverpp20_seed0.npz
 """
 
 from __future__ import annotations

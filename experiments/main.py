@@ -4,7 +4,9 @@ r"""Train, or sample from, a diffusion model described by an ml_collections conf
     python -m experiments.main --config=configs/digits.py --workdir=workdirs/digits --mode=sample \
         --config.sampling.sampler=ddim --config.sampling.num_steps=50
 
-Rerunning a train command on the same workdir resumes from its latest checkpoint.
+Rerunning a train command on the same workdir resumes from its latest checkpoint; SIGTERM
+saves a checkpoint at the current step and exits with status 0. A resume that changes the
+model's shape or meaning is refused unless --allow_config_change is given.
 """
 
 from __future__ import annotations
@@ -18,13 +20,23 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax import train_loop
-from diffusion_jax.checkpointing import NoCheckpointError
+from diffusion_jax.checkpointing import (
+    CheckpointSaveError,
+    CorruptCheckpointError,
+    NoCheckpointError,
+)
 from diffusion_jax.config_validation import ConfigError
 from diffusion_jax.data.pipeline import DatasetNotPreparedError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume a workdir even though the config changes model.*, data.name, data.image_size or "
+    "the diffusion schedule, timesteps or prediction of the run saved there.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,14 +56,24 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     config, workdir = _CONFIG.value, _WORKDIR.value
+    assert workdir is not None  # a required flag
     try:
         if _MODE.value == "train":
-            train_loop.train(config, workdir)
+            train_loop.train(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
         else:
-            path = train_loop.sample(config, workdir)
+            path = train_loop.sample(
+                config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+            )
             logging.info("Wrote %s", path)
     except (ConfigError, NoCheckpointError, DatasetNotPreparedError) as error:
         # Bad input: one clear line, no traceback.
+        sys.exit(f"error: {error}")
+    except (
+        CheckpointSaveError,
+        CorruptCheckpointError,
+        train_loop.NonFiniteError,
+    ) as error:
+        # Faults during the run: one line naming the cause and what to do next.
         sys.exit(f"error: {error}")
 
 

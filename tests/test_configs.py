@@ -9,7 +9,7 @@ import pytest
 
 from configs import cifar10_ddpm, digits
 from diffusion_jax import training
-from diffusion_jax.config_validation import ConfigError, validate_config
+from diffusion_jax.config_validation import ConfigError, validate_against_dataset, validate_config
 from diffusion_jax.models.unet import count_params
 
 CONFIG_MODULES = ["configs.default", "configs.digits", "configs.cifar10_ddpm"]
@@ -71,6 +71,8 @@ BAD_VALUES = [
     ("training.learning_rate", -1e-3, "positive rate"),
     ("training.ema_decay", 1.0, "ema_decay"),
     ("training.checkpoint_every", 0, "checkpoint_every"),
+    ("training.max_consecutive_nonfinite", 0, "max_consecutive_nonfinite"),
+    ("training.debug_sleep_after_save", -1.0, "debug_sleep_after_save"),
     ("model.dtype", "float16", "bfloat16"),
     ("model.attn_resolutions", (3,), "attn_resolutions"),
     ("data.image_size", 9, "divisible"),
@@ -95,3 +97,36 @@ def test_batch_that_does_not_divide_over_the_devices_is_refused():
     config.training.batch_size = 12
     with pytest.raises(ConfigError, match="multiple of 8"):
         validate_config(config, num_devices=8)
+
+
+def test_ddim_eta_too_large_for_the_schedule_is_refused_before_compiling():
+    config = digits.get_config()
+    config.sampling.sampler = "ddim"
+    config.sampling.eta = 3.0
+    with pytest.raises(ConfigError, match="use eta <="):
+        validate_config(config, num_devices=1)
+
+
+def test_guidance_without_label_dropout_is_refused():
+    config = digits.get_config()
+    config.model.class_conditional = True
+    config.diffusion.label_dropout = 0.0
+    config.sampling.guidance_scale = 3.0
+    with pytest.raises(ConfigError, match="label_dropout > 0"):
+        validate_config(config, num_devices=1)
+
+
+@pytest.mark.parametrize(
+    "conditional, label, num_classes, message",
+    [
+        (True, 0, None, "needs a labelled dataset"),
+        (False, 3, 10, "needs a class-conditional model"),
+        (True, 10, 10, "is not a class of"),
+    ],
+)
+def test_dataset_dependent_values_are_refused(conditional, label, num_classes, message):
+    config = digits.get_config()
+    config.model.class_conditional = conditional
+    config.sampling.label = label
+    with pytest.raises(ConfigError, match=message):
+        validate_against_dataset(config, num_classes)

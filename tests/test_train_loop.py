@@ -13,6 +13,7 @@ import pytest
 
 from diffusion_jax import train_loop
 from diffusion_jax.checkpointing import NoCheckpointError
+from diffusion_jax.config_validation import ConfigError
 from diffusion_jax.metric_writer import read_metrics
 from tests.conftest import COMPILATION_CACHE_ENV, TINY_OVERRIDES
 
@@ -152,3 +153,13 @@ def test_training_over_four_devices_matches_one_device(tiny_config, digits_data_
         name: [r["loss"] for r in read_metrics(str(d))] for name, d in [("1", single), ("4", multi)]
     }
     np.testing.assert_allclose(losses["4"], losses["1"], rtol=1e-4)
+
+
+def test_sample_refuses_a_config_whose_diffusion_differs_from_the_trained_run(
+    tiny_config, tmp_path
+):
+    workdir = str(tmp_path / "run")
+    train_loop.train(tiny_config, workdir)
+    tiny_config.diffusion.prediction = "v"
+    with pytest.raises(ConfigError, match=r"diffusion\.prediction"):
+        train_loop.sample(tiny_config, workdir)

@@ -84,3 +84,24 @@ def test_same_seed_and_batch_give_bitwise_identical_steps(tiny_config):
     assert results[0][0] == results[1][0]
     for a, b in zip(results[0][1], results[1][1], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_batch_skips_the_update_but_advances_the_step_and_counts_it(tiny_config):
+    state, train_step = _setup(tiny_config)
+    batch = _digits_batch(tiny_config)
+    poisoned = {**batch, "image": jnp.full_like(batch["image"], jnp.nan)}
+
+    skipped, metrics = train_step(state, poisoned)
+    assert int(skipped.step) == 1 and int(metrics["nonfinite"]) == 1
+    assert int(skipped.nonfinite_steps) == 1 and int(skipped.consecutive_nonfinite) == 1
+    for name in ("params", "opt_state", "ema_params"):
+        before, after = (
+            jax.tree.leaves(getattr(state, name)),
+            jax.tree.leaves(getattr(skipped, name)),
+        )
+        for a, b in zip(before, after, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    recovered, metrics = train_step(skipped, batch)
+    assert int(metrics["nonfinite"]) == 0 and np.isfinite(float(metrics["loss"]))
+    assert int(recovered.nonfinite_steps) == 1 and int(recovered.consecutive_nonfinite) == 0
