@@ -1,35 +1,66 @@
-"""Device mesh, shardings, and host-local batch -> global `jax.Array`.
+"""Device mesh, shardings, host-local batch <-> global `jax.Array`, and distributed start-up.
 
-Data parallelism is expressed as `jax.jit` over a one-axis `Mesh` ('data'): parameters are
-replicated, batches are sharded along their leading axis, and XLA inserts the gradient
-all-reduce. The mesh keeps a named axis so an 'fsdp' axis can be added later.
+Data parallelism is expressed as `jax.jit` over a `Mesh`: parameters are replicated, batches
+are sharded along their leading axis, and XLA inserts the gradient all-reduce. The same code
+runs on one CPU, several local devices (GPUs, or fake CPU devices via
+`XLA_FLAGS=--xla_force_host_platform_device_count=8`) and many processes (a TPU pod, a SLURM
+job), once `initialize_distributed` has joined the processes.
+
+The mesh has a 'data' axis and, when `fsdp_size > 1`, an 'fsdp' axis. The batch is split over
+both (in FSDP every device sees different rows); parameters are still replicated, so today an
+'fsdp' axis behaves as more data parallelism. It is the place to shard parameters later.
+
+Multi-process layout: process `p` holds global batch rows `[p * b, (p + 1) * b)` with
+`b = B / num_processes` (what `data.pipeline.train_iterator` yields), so the mesh orders devices
+by process index and `global_batch` checks that the rows land where the data says they belong.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
 
 
-def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over `devices` (default: every device of every process), axis 'data'."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+def create_mesh(devices: Sequence[jax.Device] | None = None, *, fsdp_size: int = 1) -> Mesh:
+    """A mesh over `devices` (default: every device of every process).
+
+    Axes: ('data',) of size N, or ('data', 'fsdp') of shape (N / fsdp_size, fsdp_size) when
+    `fsdp_size > 1`. Devices are ordered by process index (stable within a process), so each
+    process's devices hold one contiguous block of the batch.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    devices.sort(key=lambda d: d.process_index)  # stable: keeps the backend's order per host
+    if fsdp_size < 1 or len(devices) % fsdp_size:
+        raise ValueError(f"fsdp_size {fsdp_size} must be a positive divisor of {len(devices)}")
+    if fsdp_size == 1:
+        return Mesh(np.asarray(devices), (DATA_AXIS,))
+    grid = np.asarray(devices).reshape(len(devices) // fsdp_size, fsdp_size)
+    return Mesh(grid, (DATA_AXIS, FSDP_AXIS))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the batch (leading) dimension is split over, outermost first."""
+    return tuple(a for a in (DATA_AXIS, FSDP_AXIS) if a in mesh.axis_names)
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (parameters, optimizer state, RNG keys)."""
     return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over the 'data' axis; other axes whole."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Leading (batch) axis split over the batch axes ('data' [, 'fsdp']); other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
 
 
 def check_divisible_batch(global_batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
@@ -42,19 +73,155 @@ def check_divisible_batch(global_batch_size: int, mesh: Mesh, what: str = "batch
         )
 
 
+def local_batch_size(global_batch_size: int) -> int:
+    """Rows of a global batch of `global_batch_size` that this process reads."""
+    return global_batch_size // jax.process_count()
+
+
+@functools.lru_cache(maxsize=64)
+def _check_process_rows(mesh: Mesh, global_batch_size: int) -> None:
+    """Raise unless this process's devices hold rows [p * b, (p + 1) * b) of the batch."""
+    b = global_batch_size // jax.process_count()
+    indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    rows: set[int] = set()
+    for index in indices.values():
+        rows.update(range(global_batch_size)[index[0]] if index else range(global_batch_size))
+    held = sorted(rows)
+    start = jax.process_index() * b
+    if held != list(range(start, start + b)):
+        raise ValueError(
+            f"process {jax.process_index()} holds batch rows {held[:1]}..{held[-1:]} of the mesh "
+            f"but reads rows {start}..{start + b - 1}; build the mesh with create_mesh()"
+        )
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assemble each process's rows into global arrays sharded along the batch axis.
 
-    local_batch: this process's rows, each (B / num_processes, ...), in process-index order of the
-    global batch.
+    local_batch: this process's rows, each (B / num_processes, ...), rows
+      [p * B / num_processes, (p + 1) * B / num_processes) of the global batch for process p.
+    Returns: the same keys, each a global (B, ...) array with `batch_sharding(mesh)`.
     """
     sharding = batch_sharding(mesh)
-    return {
-        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-        for key, value in local_batch.items()
-    }
+    out = {}
+    for key, value in local_batch.items():
+        value = np.asarray(value)
+        global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+        if jax.process_count() > 1:
+            _check_process_rows(mesh, global_shape[0])
+        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out
+
+
+def host_to_global(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a numpy value that every process holds whole (host-replicated).
+
+    value: the full global array (same on every process), e.g. sample ids (B,) or a PRNG key.
+    Each process places only the slices its own devices hold, so this works whether or not
+    `sharding` spans other processes' devices (where `jax.device_put` of a local array cannot).
+    """
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) global array as numpy, on every process.
+
+    Collective when `x` spans several processes: every process must call it.
+    """
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any process (e.g. "SIGTERM received").
+
+    Collective when there are several processes: all must call it at the same point, so that
+    they all take the same branch (one process stopping alone would deadlock the others).
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray(flag))).any())
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Place every leaf of `tree` on all devices of `mesh` (fully replicated)."""
-    return jax.device_put(tree, replicated_sharding(mesh))
+    """Place every leaf of `tree` on all devices of `mesh` (fully replicated).
+
+    Leaves must be equal on every process (e.g. created from the same seed).
+    """
+    sharding = replicated_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda x: host_to_global(jax.device_get(x), sharding), tree)
+
+
+# Environment variables that mean "this process is one of several" in launchers JAX's
+# `jax.distributed.initialize()` detects on its own (see `initialize_distributed`).
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "1"))
+    except ValueError:
+        return 1
+
+
+def environment_requests_distributed() -> bool:
+    """True when the environment describes a multi-process run JAX can join with no arguments.
+
+    - SLURM: `srun` with more than one task (SLURM_JOB_ID, SLURM_NTASKS > 1, SLURM_PROCID, ...).
+    - Open MPI: `mpirun -np N` with N > 1 (OMPI_MCA_orte_hnp_uri, OMPI_COMM_WORLD_SIZE > 1).
+    - Cloud TPU: a multi-host slice on GKE (TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES with
+      more than one host) or multislice (MEGASCALE_COORDINATOR_ADDRESS).
+    - JAX_COORDINATOR_ADDRESS set (JAX's own variable; the launcher must be one JAX detects).
+    A single-task job (e.g. an interactive `srun -n1`) does not count.
+    """
+    env = os.environ
+    slurm = all(
+        k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+    )
+    if slurm and _env_int("SLURM_NTASKS") > 1:
+        return True
+    if "OMPI_MCA_orte_hnp_uri" in env and _env_int("OMPI_COMM_WORLD_SIZE") > 1:
+        return True
+    for hosts in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+        if "," in env.get(hosts, ""):
+            return True
+    return "MEGASCALE_COORDINATOR_ADDRESS" in env or "JAX_COORDINATOR_ADDRESS" in env
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Join a multi-process JAX run when asked to, before any other JAX call.
+
+    - Any argument given: `jax.distributed.initialize(coordinator_address, num_processes,
+      process_id)`; JAX fills the missing ones from a SLURM / Open MPI / TPU environment, or
+      raises ValueError naming what is missing. E.g. on each of two hosts:
+      `initialize_distributed('10.0.0.1:1234', 2, 0)` and `(..., 2, 1)`.
+    - No argument: initialize with JAX's cluster auto-detection when
+      `environment_requests_distributed()` (SLURM with several tasks, mpirun, multi-host TPU),
+      else do nothing: a plain single-process run (one CPU, one or several local GPUs).
+    On a Cloud TPU VM pod slice launched with `gcloud ... ssh --worker=all`, pass
+    `num_processes` (the number of hosts) to force the call; JAX reads the coordinator and
+    process id from the TPU metadata server.
+
+    Returns True if this process is (now) part of a distributed run, False if single-process.
+    Calling it again after a successful initialization is a no-op that returns True.
+
+    Raises:
+      RuntimeError: JAX computations already ran in this process (initialize must come first).
+      ValueError: arguments JAX cannot complete from the environment.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
+    if not explicit and not environment_requests_distributed():
+        return False
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+    return True

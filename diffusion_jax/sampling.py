@@ -1,7 +1,10 @@
 """Generate many samples from a trained model, sharded over devices, independent of batching.
 
 Sample `i` of a run uses the key `fold_in(rng, i)` (see `samplers.sample`'s `sample_ids`), so
-the images written for a seed do not depend on the sampling batch size or the device count.
+the images written for a seed do not depend on the sampling batch size, the device count or the
+process count. Multi-process: every process runs the same calls with the same (host-replicated)
+ids, each computes its devices' rows, and the results are all-gathered so every process holds
+the whole batch (the chief writes it).
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -19,6 +21,8 @@ from diffusion_jax import images, parallel, samplers, schedules
 from diffusion_jax.models.unet import UNet
 
 PyTree = Any
+HostOrDevice = jax.Array | np.ndarray
+SampleFn = Callable[[PyTree, HostOrDevice, HostOrDevice, HostOrDevice | None], jax.Array]
 
 
 def sample_name(sampling_config: ml_collections.ConfigDict) -> str:
@@ -46,10 +50,12 @@ def make_sample_fn(
     image_shape: tuple[int, int, int],
     batch_size: int,
     mesh: Mesh,
-) -> Callable[[PyTree, jax.Array, jax.Array, jax.Array | None], jax.Array]:
-    """A jitted `fn(params, rng, sample_ids (B,), labels (B,) | None) -> (B, H, W, C) float32`.
+) -> SampleFn:
+    """`fn(params, rng, sample_ids (B,), labels (B,) | None) -> (B, H, W, C) float32`, jitted.
 
-    The batch axis is sharded over the mesh; params are replicated.
+    The batch axis is sharded over the mesh; params (replicated on the mesh) and rng (uint32
+    (2,) key data) are replicated. rng, ids and labels may be numpy values that every process
+    holds whole; the output is a global array (see `parallel.to_host`).
     """
     parallel.check_divisible_batch(batch_size, mesh, "sampling.batch_size")
 
@@ -79,9 +85,33 @@ def make_sample_fn(
         )
 
     replicated, batch = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-    return jax.jit(
+    jitted = jax.jit(
         generate, in_shardings=(replicated, replicated, batch, batch), out_shardings=batch
     )
+
+    def sample_fn(
+        params: PyTree,
+        rng: HostOrDevice,
+        sample_ids: HostOrDevice,
+        labels: HostOrDevice | None,
+    ) -> jax.Array:
+        # Host values (numpy, or arrays on one device) are the same global value on every
+        # process; make them global arrays explicitly, which jit cannot do across processes.
+        return jitted(
+            params,
+            _as_global(rng, replicated),
+            _as_global(sample_ids, batch),
+            None if labels is None else _as_global(labels, batch),
+        )
+
+    return sample_fn
+
+
+def _as_global(value: HostOrDevice, sharding: jax.sharding.Sharding) -> jax.Array:
+    """`value` with `sharding`: kept when already so placed, else built from its host copy."""
+    if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
+        return value
+    return parallel.host_to_global(np.asarray(value), sharding)
 
 
 def generate_batches(
@@ -93,14 +123,17 @@ def generate_batches(
     batch_size: int,
     labels_fn: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[np.ndarray]:
-    """Yield uint8 (b, H, W, C) batches of samples 0..num_samples-1 in order.
+    """Yield uint8 (b, H, W, C) batches of samples 0..num_samples-1 in order, on every process.
 
-    The last batch is padded to `batch_size` (so nothing recompiles) and trimmed.
+    sample_fn: from `make_sample_fn` (batch `batch_size`); called with numpy rng key data (2,)
+      uint32, ids (batch_size,) int32 and labels (batch_size,) int32 or None.
+    The last batch is padded to `batch_size` (so nothing recompiles) and trimmed. With several
+    processes every one must iterate (each step all-gathers the batch).
     """
-    rng = jax.random.PRNGKey(seed)
+    rng = np.asarray(jax.random.PRNGKey(seed))
     for start in range(0, num_samples, batch_size):
         ids = np.arange(start, start + batch_size, dtype=np.int32)
-        labels = None if labels_fn is None else jnp.asarray(labels_fn(ids))
-        x = sample_fn(params, rng, jnp.asarray(ids), labels)
+        labels = None if labels_fn is None else np.asarray(labels_fn(ids), np.int32)
+        x = parallel.to_host(sample_fn(params, rng, ids, labels))
         count = min(batch_size, num_samples - start)
-        yield images.to_uint8(np.asarray(jax.device_get(x))[:count])
+        yield images.to_uint8(x[:count])

@@ -272,7 +272,9 @@ def _train(
     loop_start = time.perf_counter()
     window_start, window_steps = loop_start, 0
     try:
-        while step < tcfg.num_train_steps and not sigterm.received:
+        # Collective in multi-process runs: all processes must stop at the same step, or the
+        # ones still training would wait forever for the one that is saving.
+        while step < tcfg.num_train_steps and not parallel.any_process(sigterm.received):
             host_batch = next(data_iter)
             if step + 1 in nan_steps:
                 host_batch = {**host_batch, "image": np.full_like(host_batch["image"], np.nan)}
@@ -307,7 +309,7 @@ def _train(
                 step == tcfg.num_train_steps
             ):
                 _write_training_grid(setup, config, grid_fn, state, workdir, step)
-        if sigterm.received:
+        if step < tcfg.num_train_steps:  # stopped early: SIGTERM on some process
             logging.warning(
                 "SIGTERM at step %d: saving a checkpoint and stopping; rerun the same command "
                 "to resume.",

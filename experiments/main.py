@@ -15,11 +15,12 @@ import logging as std_logging
 import runpy
 import sys
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import train_loop
+from diffusion_jax import parallel, train_loop
 from diffusion_jax.checkpointing import (
     CheckpointSaveError,
     CorruptCheckpointError,
@@ -37,6 +38,13 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "Resume a workdir even though the config changes model.*, data.name, data.image_size or "
     "the diffusion schedule, timesteps or prediction of the run saved there.",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "HOST:PORT of process 0 in a multi-process run (auto-detected on SLURM, mpirun and TPU pods).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,7 +61,10 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.INFO)
+    # Before any other JAX call: in a multi-process run every process must join first.
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    # Progress from process 0 only; the others report warnings and errors.
+    logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     config, workdir = _CONFIG.value, _WORKDIR.value
     assert workdir is not None  # a required flag

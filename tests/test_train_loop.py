@@ -124,37 +124,6 @@ def test_cli_bad_input_exits_with_one_line_error(overrides, message, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_training_over_four_devices_matches_one_device(tiny_config, digits_data_dir, tmp_path):
-    """The global batch is split over 4 (fake CPU) devices; losses match the 1-device run."""
-    single = tmp_path / "single"
-    train_loop.train(tiny_config, str(single))
-
-    multi = tmp_path / "multi"
-    env = {**os.environ, **COMPILATION_CACHE_ENV}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.main",
-            "--config=configs/digits.py",
-            f"--workdir={multi}",
-            f"--config.data.data_dir={digits_data_dir}",
-            *TINY_OVERRIDES,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    losses = {
-        name: [r["loss"] for r in read_metrics(str(d))] for name, d in [("1", single), ("4", multi)]
-    }
-    np.testing.assert_allclose(losses["4"], losses["1"], rtol=1e-4)
-
-
 def test_sample_refuses_a_config_whose_diffusion_differs_from_the_trained_run(
     tiny_config, tmp_path
 ):

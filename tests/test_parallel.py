@@ -1,0 +1,233 @@
+"""Scale-out: 8 devices and 2 processes train, checkpoint and sample like 1 device.
+
+The device count is fixed per process, so other counts run in `tests/distributed_worker.py`
+subprocesses: XLA_FLAGS=--xla_force_host_platform_device_count=8 for 8 fake CPU devices, and
+two processes joined by `jax.distributed` on localhost (2 CPU devices each) for multi-host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+
+from diffusion_jax import parallel, train_loop
+from diffusion_jax.config_validation import ConfigError, validate_config
+from diffusion_jax.metric_writer import read_metrics
+from tests.conftest import COMPILATION_CACHE_ENV, make_tiny_config
+from tests.distributed_worker import flat_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = [sys.executable, "-m", "tests.distributed_worker"]
+# Data-parallel runs reduce gradients in a different order; Adam's normalisation turns those
+# float32 rounding differences into ~1e-5 parameter differences after a few steps.
+PARAM_ATOL = 1e-4
+CLUSTER_ENV_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "OMPI_MCA_orte_hnp_uri",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_PROCESS_ADDRESSES",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "JAX_COORDINATOR_ADDRESS",
+)
+
+
+def _worker_env(num_devices: int | None = None) -> dict[str, str]:
+    env = {**os.environ, **COMPILATION_CACHE_ENV}
+    env.pop("XLA_FLAGS", None)
+    if num_devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    return env
+
+
+def _losses(workdir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(str(workdir))]
+
+
+def _samples(path: str | Path) -> np.ndarray:
+    with np.load(path) as f:
+        return f["images"]
+
+
+def _assert_params_close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> float:
+    """Assert allclose leaf by leaf; returns the max abs difference."""
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(actual[key], expected[key], atol=PARAM_ATOL, err_msg=key)
+    return max(float(np.abs(actual[k] - expected[k]).max()) for k in expected)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def one_device_run(digits_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny config trained on this process's single device; its samples (batch 4)."""
+    workdir = tmp_path_factory.mktemp("one_device") / "run"
+    config = make_tiny_config(digits_data_dir)
+    state = train_loop.train(config, str(workdir))
+    samples = _samples(train_loop.sample(config, str(workdir)))
+    return workdir, flat_params(state.params), samples
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(digits_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny config trained and sampled (batch 8) in a subprocess with 8 CPU devices."""
+    root = tmp_path_factory.mktemp("eight_devices")
+    workdir, out = root / "run", root / "out"
+    result = subprocess.run(
+        [*WORKER, f"--workdir={workdir}", f"--data_dir={digits_data_dir}", f"--out={out}"]
+        + ["--train", "--sample", "--set", "sampling.batch_size=8"],
+        cwd=REPO,
+        env=_worker_env(8),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"device_count": 8' in (out / "info_0.json").read_text()
+    return workdir, dict(np.load(out / "params_0.npz")), _samples(out / "samples_0.npz")
+
+
+def test_eight_devices_give_the_losses_and_params_of_one_device(one_device_run, eight_device_run):
+    np.testing.assert_allclose(_losses(eight_device_run[0]), _losses(one_device_run[0]), rtol=1e-5)
+    _assert_params_close(eight_device_run[1], one_device_run[1])
+
+
+def test_samples_of_a_fixed_seed_are_identical_on_eight_devices_and_one(
+    eight_device_run, tiny_config, tmp_path
+):
+    # The 8-device run's checkpoint, restored and sampled here on 1 device with batch 4.
+    workdir = tmp_path / "run"
+    shutil.copytree(eight_device_run[0], workdir)
+    one_device = _samples(train_loop.sample(tiny_config, str(workdir)))
+    assert one_device.shape == (6, 8, 8, 1) and one_device.dtype == np.uint8
+    np.testing.assert_array_equal(one_device, eight_device_run[2])
+
+
+def test_checkpoint_saved_on_eight_devices_resumes_on_one_like_the_one_device_run(
+    one_device_run, eight_device_run, tiny_config, tmp_path
+):
+    tiny_config.training.num_train_steps = 8
+    resumed = {}
+    for name, run in (("one", one_device_run), ("eight", eight_device_run)):
+        shutil.copytree(run[0], tmp_path / name)
+        state = train_loop.train(tiny_config, str(tmp_path / name))
+        assert int(state.step) == 8
+        resumed[name] = flat_params(state.params)
+    _assert_params_close(resumed["eight"], resumed["one"])
+
+
+def test_two_processes_train_sample_and_checkpoint_like_one_process(
+    one_device_run, digits_data_dir, tmp_path
+):
+    """Two jax.distributed processes on localhost (2 CPU devices each) share one workdir."""
+    workdir, out, port = tmp_path / "run", tmp_path / "out", _free_port()
+    procs = [
+        subprocess.Popen(
+            [*WORKER, f"--workdir={workdir}", f"--data_dir={digits_data_dir}", f"--out={out}"]
+            + ["--train", "--sample", f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
+            + [f"--process_id={i}", "--num_cpu_devices=2"],
+            cwd=REPO,
+            env=_worker_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        errors = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:  # a hung peer must not outlive the test
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, err in zip(procs, errors, strict=True):
+        assert p.returncode == 0, err[-3000:]
+
+    for rank in range(2):
+        info = (out / f"info_{rank}.json").read_text()
+        assert '"process_count": 2' in info and '"device_count": 4' in info
+        # A flag raised on process 1 only is seen by both; none raised is seen by none.
+        assert '"any_process_rank1": true' in info and '"any_process_false": false' in info
+        _assert_params_close(dict(np.load(out / f"params_{rank}.npz")), one_device_run[1])
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+    np.testing.assert_allclose(_losses(workdir), _losses(one_device_run[0]), rtol=1e-5)
+    np.testing.assert_array_equal(_samples(out / "samples_0.npz"), one_device_run[2])
+
+
+def test_batch_that_does_not_divide_over_the_devices_is_refused_before_training(tiny_config):
+    tiny_config.training.batch_size = 12
+    with pytest.raises(ConfigError, match=r"training\.batch_size=12 does not divide over 8"):
+        validate_config(tiny_config, num_devices=8)
+    tiny_config.training.batch_size = 16
+    with pytest.raises(ConfigError, match=r"sampling\.batch_size=4 does not divide over 8"):
+        validate_config(tiny_config, num_devices=8)
+    tiny_config.sampling.batch_size = 8
+    validate_config(tiny_config, num_devices=8)
+
+
+def test_global_batch_places_local_rows_on_the_batch_sharding():
+    mesh = parallel.create_mesh()
+    local = {"image": np.arange(8 * 2, dtype=np.float32).reshape(8, 2)}
+    batch = parallel.global_batch(local, mesh)
+    assert batch["image"].sharding == parallel.batch_sharding(mesh)
+    np.testing.assert_array_equal(parallel.to_host(batch["image"]), local["image"])
+
+
+def test_any_process_on_one_process_returns_the_flag():
+    assert parallel.any_process(True) is True
+    assert parallel.any_process(False) is False
+
+
+def test_mesh_refuses_an_fsdp_size_that_does_not_divide_the_devices():
+    assert parallel.create_mesh().axis_names == (parallel.DATA_AXIS,)
+    with pytest.raises(ValueError, match="fsdp_size 3"):
+        parallel.create_mesh(jax.devices() * 2, fsdp_size=3)
+
+
+def test_initialize_distributed_does_nothing_without_arguments_or_a_cluster(monkeypatch):
+    for name in CLUSTER_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert not parallel.environment_requests_distributed()
+    assert parallel.initialize_distributed() is False
+    assert jax.process_count() == 1
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        (dict(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="n1", SLURM_NTASKS="4", SLURM_PROCID="0",
+              SLURM_LOCALID="0"), True),
+        (dict(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="n1", SLURM_NTASKS="1", SLURM_PROCID="0",
+              SLURM_LOCALID="0"), False),
+        (dict(OMPI_MCA_orte_hnp_uri="1;tcp://10.0.0.1:1", OMPI_COMM_WORLD_SIZE="2"), True),
+        (dict(TPU_WORKER_HOSTNAMES="host0,host1"), True),
+        (dict(TPU_WORKER_HOSTNAMES="host0"), False),
+    ],
+)  # fmt: skip
+def test_environment_requests_distributed_only_for_multi_process_launchers(
+    monkeypatch, env, expected
+):
+    for name in CLUSTER_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert parallel.environment_requests_distributed() is expected
