@@ -23,6 +23,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
+
+from diffusion_jax import parallel
 
 PyTree = Any
 
@@ -80,6 +83,7 @@ class Checkpointer:
             read_only=read_only,
         )
         self._workdir = workdir
+        self._read_only = read_only
         self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
     def latest_step(self) -> int | None:
@@ -129,25 +133,20 @@ class Checkpointer:
         steps = sorted(self._manager.all_steps(), reverse=True)
         failures: list[tuple[int, str]] = []
         for step in steps:
+            state, reason = None, ""
             try:
                 state = self.restore(abstract_state, data_iterator, step=step)
                 if not all_finite(state):
-                    raise ValueError("it holds NaN or Inf values")
+                    reason = "ValueError: it holds NaN or Inf values"
             except Exception as error:  # any failure to read means: try the previous one
                 message = str(error).splitlines()[0] if str(error) else ""
-                failures.append((step, f"{type(error).__name__}: {message}"))
+                reason = f"{type(error).__name__}: {message}"
+            # Collective: all processes must resume from the same step, even when only one of
+            # them failed to read (say, a transient error on its host).
+            if parallel.any_process(bool(reason)):
+                failures.append((step, reason or "unreadable on another process"))
                 continue
-            for bad_step, reason in failures:
-                moved_to = self._quarantine(bad_step)
-                logging.warning(
-                    "Checkpoint %d in %s is unreadable (%s); moved it to %s and resuming from "
-                    "checkpoint %d instead.",
-                    bad_step,
-                    checkpoint_dir(self._workdir),
-                    reason,
-                    moved_to,
-                    step,
-                )
+            self._set_aside(failures, resumed_from=step)
             return state
         if steps:
             raise CorruptCheckpointError(
@@ -157,13 +156,35 @@ class Checkpointer:
             )
         return None
 
+    def _set_aside(self, failures: list[tuple[int, str]], resumed_from: int) -> None:
+        """Move unreadable checkpoints to `<workdir>/corrupt_checkpoints/` (process 0 moves, the
+        others wait), so that their steps can be saved again; a read-only manager only warns."""
+        for bad_step, reason in failures:
+            if self._read_only:
+                where = "left it in place (read-only)"
+            elif jax.process_index() == 0:
+                where = f"moved it to {self._quarantine(bad_step)}"
+            else:
+                where = "process 0 moves it to corrupt_checkpoints/"
+            logging.warning(
+                "Checkpoint %d in %s is unreadable (%s); %s; using checkpoint %d instead.",
+                bad_step,
+                checkpoint_dir(self._workdir),
+                reason,
+                where,
+                resumed_from,
+            )
+        if failures and not self._read_only:
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("diffusion_jax_quarantine")
+            self._manager.reload()
+
     def _quarantine(self, step: int) -> str:
         target = os.path.join(os.path.abspath(self._workdir), "corrupt_checkpoints", str(step))
         if os.path.exists(target):
             target += f".{int(time.time())}"
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.move(os.path.join(checkpoint_dir(self._workdir), str(step)), target)
-        self._manager.reload()
         return target
 
     def _save_error(self, step: int, error: BaseException) -> CheckpointSaveError:

@@ -117,10 +117,12 @@ def locked_key_changes(
     old = _flatten(saved)
     new = _flatten(json.loads(config.to_json_best_effort()))
     changes = []
-    for key in sorted(set(old) | set(new)):
+    # Keys in only one of the two (added to the configs since the run was saved) are not
+    # changes: refusing them would lock every existing workdir out after a new key is added.
+    for key in sorted(set(old) & set(new)):
         if any(key == k or key.startswith(k + ".") for k in RESUME_LOCKED_KEYS):
-            if old.get(key) != new.get(key):
-                changes.append((key, old.get(key), new.get(key)))
+            if old[key] != new[key]:
+                changes.append((key, old[key], new[key]))
     return changes
 
 

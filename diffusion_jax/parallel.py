@@ -17,7 +17,6 @@ by process index and `global_batch` checks that the rows land where the data say
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -73,12 +72,6 @@ def check_divisible_batch(global_batch_size: int, mesh: Mesh, what: str = "batch
         )
 
 
-def local_batch_size(global_batch_size: int) -> int:
-    """Rows of a global batch of `global_batch_size` that this process reads."""
-    return global_batch_size // jax.process_count()
-
-
-@functools.lru_cache(maxsize=64)
 def _check_process_rows(mesh: Mesh, global_batch_size: int) -> None:
     """Raise unless this process's devices hold rows [p * b, (p + 1) * b) of the batch."""
     b = global_batch_size // jax.process_count()
@@ -145,19 +138,6 @@ def any_process(flag: bool) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.asarray(flag))).any())
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Place every leaf of `tree` on all devices of `mesh` (fully replicated).
-
-    Leaves must be equal on every process (e.g. created from the same seed).
-    """
-    sharding = replicated_sharding(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
-    return jax.tree.map(lambda x: host_to_global(jax.device_get(x), sharding), tree)
-
-
-# Environment variables that mean "this process is one of several" in launchers JAX's
-# `jax.distributed.initialize()` detects on its own (see `initialize_distributed`).
 def _env_int(name: str) -> int:
     try:
         return int(os.environ.get(name, "1"))

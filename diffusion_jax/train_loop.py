@@ -195,18 +195,18 @@ def train(
     check_workdir_writable(workdir)
     _check_saved_config(config, workdir, allow_config_change)
     setup = _Setup(config)
-    write_config(config, workdir)
     checkpointer = checkpointing.Checkpointer(
         workdir, max_to_keep=config.training.max_checkpoints_to_keep
     )
+    # The handler stays until the last save is on disk: a second SIGTERM must not cut it short.
     with _SigtermFlag() as sigterm:
         try:
             state = _train(config, workdir, setup, checkpointer, sigterm)
         except BaseException:
             _close_after_error(checkpointer)
             raise
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+        checkpointer.wait_until_finished()
+        checkpointer.close()
     return state
 
 
@@ -242,6 +242,8 @@ def _train(
         state = setup.init_state(jax.random.PRNGKey(config.seed))
         logging.info("Starting a new run in %s", workdir)
     step = last_saved = int(state.step)
+    # Only now: a config.json rewritten before a failed restore would misdescribe the run.
+    write_config(config, workdir)
     _truncate_metrics(workdir, step)
 
     train_step = jax.jit(
@@ -272,9 +274,7 @@ def _train(
     loop_start = time.perf_counter()
     window_start, window_steps = loop_start, 0
     try:
-        # Collective in multi-process runs: all processes must stop at the same step, or the
-        # ones still training would wait forever for the one that is saving.
-        while step < tcfg.num_train_steps and not parallel.any_process(sigterm.received):
+        while step < tcfg.num_train_steps and not _stop_requested(sigterm, step):
             host_batch = next(data_iter)
             if step + 1 in nan_steps:
                 host_batch = {**host_batch, "image": np.full_like(host_batch["image"], np.nan)}
@@ -330,6 +330,19 @@ def _train(
     return state
 
 
+# Multi-process runs agree on SIGTERM with an all-gather; doing it every step would stall the
+# pipeline, and a pre-emption grace period is many steps long.
+_SIGTERM_POLL_STEPS = 10
+
+
+def _stop_requested(sigterm: _SigtermFlag, step: int) -> bool:
+    """Whether to stop before `step + 1`; collective in multi-process runs (all processes must
+    stop at the same step, or the ones still training wait forever for the one saving)."""
+    if jax.process_count() == 1:
+        return sigterm.received
+    return step % _SIGTERM_POLL_STEPS == 0 and parallel.any_process(sigterm.received)
+
+
 def _report_nonfinite(step: int, consecutive: int, last_saved: int, limit: int) -> None:
     """Warn about a skipped step; raise `NonFiniteError` once `limit` are skipped in a row."""
     logging.warning(
@@ -339,12 +352,15 @@ def _report_nonfinite(step: int, consecutive: int, last_saved: int, limit: int) 
         limit,
     )
     if consecutive >= limit:
-        kept = f"Checkpoint {last_saved} holds" if last_saved else "No checkpoint has"
+        kept = (
+            f"checkpoint {last_saved} (finite) is the latest"
+            if last_saved
+            else "no checkpoint was saved yet"
+        )
         raise NonFiniteError(
             f"{consecutive} consecutive steps up to step {step} had a non-finite loss or "
-            f"gradients (training.max_consecutive_nonfinite={limit}); stopped. {kept} "
-            "non-finite values: lower training.learning_rate, set training.grad_clip or check "
-            "the data, then rerun to resume"
+            f"gradients (training.max_consecutive_nonfinite={limit}); stopped, {kept}: lower "
+            "training.learning_rate, set training.grad_clip or check the data, then rerun"
         )
 
 
@@ -365,8 +381,10 @@ def sample(
     # Read-only: a manager that may write would delete the tmp dir of a save in flight when
     # sampling from a workdir that is still training.
     checkpointer = checkpointing.Checkpointer(workdir, async_save=False, read_only=True)
-    state = checkpointer.restore(setup.abstract_state)
+    state = checkpointer.restore_latest_readable(setup.abstract_state)
     checkpointer.close()
+    if state is None:  # the checkpoints vanished since require_checkpoint
+        raise checkpointing.NoCheckpointError(f"no checkpoint left in {workdir}")
     batches = sampling.generate_batches(
         setup.sample_fn(config, scfg.batch_size),
         state.ema_params,

@@ -80,9 +80,10 @@ def create_optimizer(training_config: ml_collections.ConfigDict) -> optax.Gradie
         b2=training_config.adam_b2,
         weight_decay=training_config.weight_decay,
     )
-    if training_config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(training_config.grad_clip), adam)
-    return adam
+    # Always a chain, so the optimizer state has the same structure with or without clipping
+    # and a run can be resumed after changing training.grad_clip.
+    clip = training_config.grad_clip
+    return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(), adam)
 
 
 def init_train_state(

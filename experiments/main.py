@@ -62,7 +62,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     # Before any other JAX call: in a multi-process run every process must join first.
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except (ValueError, RuntimeError) as error:
+        sys.exit(
+            f"error: starting jax.distributed failed ({error}); pass --coordinator_address, "
+            "--num_processes and --process_id (0..num_processes-1), or run under SLURM/mpirun"
+        )
     # Progress from process 0 only; the others report warnings and errors.
     logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     logging.get_absl_handler().addFilter(_QuietLibraries())

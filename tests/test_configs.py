@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import ml_collections
 import pytest
 
 from configs import cifar10_ddpm, digits
 from diffusion_jax import training
-from diffusion_jax.config_validation import ConfigError, validate_against_dataset, validate_config
+from diffusion_jax.config_validation import (
+    ConfigError,
+    locked_key_changes,
+    validate_against_dataset,
+    validate_config,
+)
 from diffusion_jax.models.unet import count_params
 
 CONFIG_MODULES = ["configs.default", "configs.digits", "configs.cifar10_ddpm"]
@@ -130,3 +136,12 @@ def test_dataset_dependent_values_are_refused(conditional, label, num_classes, m
     config.sampling.label = label
     with pytest.raises(ConfigError, match=message):
         validate_against_dataset(config, num_classes)
+
+
+def test_keys_added_to_the_configs_since_a_run_was_saved_are_not_config_changes():
+    config = digits.get_config()
+    saved = json.loads(config.to_json_best_effort())
+    del saved["model"]["dtype"]  # a run saved before model.dtype existed
+    assert locked_key_changes(saved, config) == []
+    saved["model"]["ch"] = 64
+    assert locked_key_changes(saved, config) == [("model.ch", 64, 32)]

@@ -144,8 +144,9 @@ def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tiny_con
     tiny_config.training.log_every = 1
     tiny_config.training.debug_nan_steps = (3, 5, 6)
     tiny_config.training.max_consecutive_nonfinite = 2
-    with pytest.raises(train_loop.NonFiniteError, match="2 consecutive steps up to step 6"):
+    with pytest.raises(train_loop.NonFiniteError, match="2 consecutive steps up to step 6") as e:
         train_loop.train(tiny_config, workdir)
+    assert "checkpoint 3 (finite) is the latest" in str(e.value)
 
     records = {int(r["step"]): r for r in read_metrics(workdir)}
     assert [records[s]["nonfinite"] for s in range(1, 7)] == [0, 0, 1, 0, 1, 1]
@@ -234,6 +235,20 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_with_a_warning(
     ):
         np.testing.assert_array_equal(a, b)
     assert int(state.step) == 6
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_sample_mode_skips_a_corrupt_latest_checkpoint_and_leaves_it_in_place(
+    tiny_config, workdir_copy, caplog
+):
+    _corrupt_largest_state_file(workdir_copy, 6, "truncated")
+    with caplog.at_level(logging.WARNING):
+        path = train_loop.sample(tiny_config, workdir_copy)
+
+    assert any("left it in place" in r.getMessage() for r in caplog.records)
+    assert checkpointing.finished_steps(workdir_copy) == [3, 6]
+    with open(path[: -len(".npz")] + ".json") as f:
+        assert json.load(f)["step"] == 3
 
 
 def test_failed_save_raises_a_clear_error_and_keeps_the_previous_checkpoint(

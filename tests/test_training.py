@@ -105,3 +105,14 @@ def test_nonfinite_batch_skips_the_update_but_advances_the_step_and_counts_it(ti
     recovered, metrics = train_step(skipped, batch)
     assert int(metrics["nonfinite"]) == 0 and np.isfinite(float(metrics["loss"]))
     assert int(recovered.nonfinite_steps) == 1 and int(recovered.consecutive_nonfinite) == 0
+
+
+def test_optimizer_state_has_one_structure_with_and_without_clipping(tiny_config):
+    """So a run can resume after training.grad_clip is switched on or off."""
+    params = {"w": jnp.ones((3,))}
+    structures = []
+    for clip in (0.0, 1.0):
+        tiny_config.training.grad_clip = clip
+        opt_state = training.create_optimizer(tiny_config.training).init(params)
+        structures.append(jax.tree.structure(opt_state))
+    assert structures[0] == structures[1]
