@@ -272,7 +272,35 @@ def _train(
             time.sleep(tcfg.debug_sleep_after_save)
 
     loop_start = time.perf_counter()
-    window_start, window_steps = loop_start, 0
+    window_start, window_steps, last_logged = loop_start, 0, -1
+
+    def log(at_step: int, step_metrics: dict[str, jax.Array]) -> None:
+        nonlocal window_start, window_steps, last_logged
+        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        scalars["steps_per_sec"] = window_steps / (time.perf_counter() - window_start)
+        scalars["images_per_sec"] = scalars["steps_per_sec"] * tcfg.batch_size
+        writer.write(at_step, scalars)
+        logging.info(
+            "step %d/%d  loss %.4f  %.2f steps/s  ETA %s",
+            at_step,
+            tcfg.num_train_steps,
+            scalars["loss"],
+            scalars["steps_per_sec"],
+            _format_seconds((tcfg.num_train_steps - at_step) / scalars["steps_per_sec"]),
+        )
+        window_start, window_steps, last_logged = time.perf_counter(), 0, at_step
+
+    def check_nonfinite(at_step: int, step_metrics: dict[str, jax.Array]) -> None:
+        consecutive = int(step_metrics["consecutive_nonfinite"])
+        if consecutive >= tcfg.max_consecutive_nonfinite and last_logged != at_step:
+            log(at_step, step_metrics)  # the step that stops the run is always in the log
+        if consecutive:
+            _report_nonfinite(at_step, consecutive, last_saved, tcfg.max_consecutive_nonfinite)
+
+    # (step, metrics) of the previous step. Its non-finite counter is read only once the next
+    # step is queued: the guard itself runs inside train_step, so reporting a step late keeps
+    # the accelerator busy instead of making the host wait for every step to finish.
+    pending: tuple[int, dict[str, jax.Array]] | None = None
     try:
         while step < tcfg.num_train_steps and not _stop_requested(sigterm, step):
             host_batch = next(data_iter)
@@ -282,33 +310,24 @@ def _train(
             state, metrics = train_step(state, batch)
             step += 1
             window_steps += 1
-            # One scalar per step (a sync point): skipped steps are reported when they happen.
-            consecutive = int(metrics["consecutive_nonfinite"])
-            stopping = consecutive >= tcfg.max_consecutive_nonfinite
-            if step % tcfg.log_every == 0 or step == tcfg.num_train_steps or stopping:
-                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - window_start
-                scalars["steps_per_sec"] = window_steps / elapsed
-                scalars["images_per_sec"] = scalars["steps_per_sec"] * tcfg.batch_size
-                writer.write(step, scalars)
-                eta = (tcfg.num_train_steps - step) / scalars["steps_per_sec"]
-                logging.info(
-                    "step %d/%d  loss %.4f  %.2f steps/s  ETA %s",
-                    step,
-                    tcfg.num_train_steps,
-                    scalars["loss"],
-                    scalars["steps_per_sec"],
-                    _format_seconds(eta),
-                )
-                window_start, window_steps = time.perf_counter(), 0
-            if consecutive:
-                _report_nonfinite(step, consecutive, last_saved, tcfg.max_consecutive_nonfinite)
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.num_train_steps:
+            if pending is not None:
+                check_nonfinite(*pending)
+            pending = (step, metrics)
+            last = step == tcfg.num_train_steps
+            logs = step % tcfg.log_every == 0 or last
+            saves = step % tcfg.checkpoint_every == 0 or last
+            samples = bool(tcfg.sample_every and step % tcfg.sample_every == 0) or last
+            if logs:
+                log(step, metrics)
+            if logs or saves or samples:  # waiting for this step anyway: check it before saving
+                check_nonfinite(*pending)
+                pending = None
+            if saves:
                 save()
-            if (tcfg.sample_every and step % tcfg.sample_every == 0) or (
-                step == tcfg.num_train_steps
-            ):
+            if samples:
                 _write_training_grid(setup, config, grid_fn, state, workdir, step)
+        if pending is not None:
+            check_nonfinite(*pending)
         if step < tcfg.num_train_steps:  # stopped early: SIGTERM on some process
             logging.warning(
                 "SIGTERM at step %d: saving a checkpoint and stopping; rerun the same command "
