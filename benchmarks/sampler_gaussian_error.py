@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion_jax import diffusion, samplers, schedules
+from diffusion_jax import diffusion, gaussian_oracle, samplers, schedules
 
 MU, S = 0.3, 0.5
 # Row name -> (sampler, extra keyword arguments of samplers.sample).
@@ -44,27 +43,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm_solver++ (2M final)": ("dpm_solver++", {"lower_order_final": False}),
     "heun": ("heun", {}),
 }
-
-
-def gaussian_eps_model(sch: schedules.Schedule, mu: float, s: float):
-    """Optimal eps(x_t, t) = sigma (x_t - a mu) / (a^2 s^2 + sigma^2) for data N(mu, s^2)."""
-
-    def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        ab = diffusion.extract(sch.alphas_cumprod, t, x_t.ndim)
-        a, sigma = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-        return sigma * (x_t - a * mu) / (a * a * s * s + sigma * sigma)
-
-    return model_fn
-
-
-def exact_sample(sch: schedules.Schedule, x_start: np.ndarray, mu: float, s: float) -> np.ndarray:
-    """float64 PF-ODE solution from x_start at t = T-1 to t = 0, then the optimal x0(x, 0)."""
-    ab = sch.alphas_cumprod
-    a_t, sig_t = math.sqrt(ab[-1]), math.sqrt(1 - ab[-1])
-    a_0, sig_0 = math.sqrt(ab[0]), math.sqrt(1 - ab[0])
-    var_t, var_0 = a_t**2 * s**2 + sig_t**2, a_0**2 * s**2 + sig_0**2
-    x_0 = a_0 * mu + math.sqrt(var_0 / var_t) * (x_start - a_t * mu)
-    return mu + a_0 * s**2 * (x_0 - a_0 * mu) / var_0
 
 
 def main() -> None:
@@ -80,8 +58,8 @@ def main() -> None:
     sch = schedules.get_schedule(args.schedule, args.num_timesteps)
     steps = [int(n) for n in args.steps.split(",")]
     x_start = np.linspace(-3.0, 3.0, 256).reshape(4, 64)  # +-3 std of N(0, I)
-    reference = exact_sample(sch, x_start, MU, S)
-    model = gaussian_eps_model(sch, MU, S)
+    reference = gaussian_oracle.exact_ode_solution(sch, x_start, sch.num_timesteps - 1, MU, S)
+    model = gaussian_oracle.optimal_model(sch, MU, S)
 
     rows: list[dict[str, Any]] = []
     for name, (sampler, kwargs) in VARIANTS.items():

@@ -13,7 +13,6 @@ float32 rounding (~1e-6), so the order test runs without x64 (one test checks x6
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion, samplers, schedules
+from diffusion_jax import diffusion, gaussian_oracle, samplers, schedules
 
 MU, S = 0.3, 0.5
 SCH = schedules.get_schedule("linear", 1000)
@@ -32,28 +31,14 @@ def gaussian_model(
     sch: schedules.Schedule, prediction: str = "eps", mu: float = MU, s: float = S
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The optimal model_fn(x_t, t) for data N(mu, s^2), outputting `prediction`."""
-
-    def model_fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        ab = diffusion.extract(sch.alphas_cumprod, t, x_t.ndim)
-        a, sigma = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-        var = a * a * s * s + sigma * sigma
-        eps = sigma * (x_t - a * mu) / var
-        x0 = mu + a * s * s * (x_t - a * mu) / var
-        return {"eps": eps, "x0": x0, "v": a * eps - sigma * x0}[prediction]
-
-    return model_fn
+    return gaussian_oracle.optimal_model(sch, mu, s, prediction)
 
 
 def exact_ode_sample(
     sch: schedules.Schedule, x_start: np.ndarray, t_start: int, mu: float = MU, s: float = S
 ) -> np.ndarray:
     """float64: the PF-ODE solution from x_start at t_start to t = 0, then x0*(., 0)."""
-    ab = sch.alphas_cumprod
-    a_t, sig_t = math.sqrt(ab[t_start]), math.sqrt(1 - ab[t_start])
-    a_0, sig_0 = math.sqrt(ab[0]), math.sqrt(1 - ab[0])
-    var_t, var_0 = a_t**2 * s**2 + sig_t**2, a_0**2 * s**2 + sig_0**2
-    x_0 = a_0 * mu + math.sqrt(var_0 / var_t) * (np.asarray(x_start, np.float64) - a_t * mu)
-    return mu + a_0 * s**2 * (x_0 - a_0 * mu) / var_0
+    return gaussian_oracle.exact_ode_solution(sch, x_start, t_start, mu, s)
 
 
 # Fixed starting points x_T covering +-3 standard deviations of N(0, I).
