@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.dropout = 0.1
     model.class_conditional = False  # embed labels (num_classes comes from the dataset)
     model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; params stay float32
+    # Improved DDPM: also output the per-pixel variance interpolation (2x output channels).
+    model.learn_sigma = False
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "linear"
@@ -39,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.loss_weighting = "simple"  # 'simple' | 'snr' | 'min_snr'
     diffusion.min_snr_gamma = 5.0
     diffusion.label_dropout = 0.1  # classifier-free guidance training (class-conditional models)
+    diffusion.vlb_weight = 0.001  # lambda of the hybrid loss L_simple + lambda L_vlb (learn_sigma)
 
     config.training = training = ml_collections.ConfigDict()
     training.num_train_steps = 10_000
@@ -76,4 +79,29 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.guidance_scale = 1.0  # classifier-free guidance (class-conditional models)
     sampling.label = -1  # class to sample with guidance; -1 = cycle through all classes
     sampling.name = ""  # '' = derived from sampler, steps and seed
+
+    # --mode=eval: sample eval.num_samples images with config.sampling.* and score them.
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.num_samples = 1000
+    ev.batch_size = 500  # per sampling call; samples do not depend on it
+    ev.shard_size = 1000  # images per shard file; a pre-empted eval resumes at the next shard
+    ev.feature_network = "digits"  # 'digits' (shipped classifier) | 'inception' (FID Inception-v3)
+    ev.inception_weights = ""  # .npz from experiments/convert_inception_weights.py
+    ev.reference_stats = ""  # '' = <data_dir>/reference_stats/<dataset>_<split>_<network>.npz
+    ev.reference_split = "train"
+    ev.metrics = ("fd",)  # of 'fd', 'is', 'precision_recall'
+    ev.pr_num_samples = 1000  # images per side for precision/recall (k-NN is quadratic)
+    ev.pr_k = 3
+    ev.bpd_num_images = 0  # > 0: bits/dim of that many eval_split images (0 = skip)
+    ev.bpd_batch_size = 100
+    ev.name = ""  # '' = derived from sampler, steps, guidance and seed
+
+    # Image editing (--mode=sdedit | inpaint) and process pictures (--mode=visualize).
+    config.edit = edit = ml_collections.ConfigDict()
+    edit.split = "test"  # source images: the first edit.num_images of this split
+    edit.num_images = 8
+    edit.strength = 0.5  # sdedit: fraction of the chain to noise (0 = input returned)
+    edit.mask = "left_half"  # inpaint: which pixels are regenerated
+    edit.resample_steps = 10  # inpaint: RePaint resampling (jumps) per step (1 = none)
+    edit.seed = 0
     return config

@@ -286,6 +286,7 @@ def sample(
     x_init: Array | None = None,
     return_trajectory: bool = False,
     lower_order_final: bool = True,
+    start_timestep: int | None = None,
 ) -> Any:
     """Draw samples (B, ...) = `shape` from the model; see the module docstring.
 
@@ -300,8 +301,12 @@ def sample(
     lower_order_final: dpm_solver++ only; True takes the last update (onto t = 0) at first
     order (the DDIM step), much more accurate with few steps; False is pure 2M (second order
     on every step but the first). With num_steps = 3 and True, dpm_solver++ equals ddim.
+    start_timestep: start the chain at this t (0..T-1) instead of T - 1, with the timesteps
+    spaced over [start_timestep, 0] (SDEdit: pass x_init = q_sample(x0, start_timestep));
+    needs num_steps <= start_timestep + 1.
     Static (Python) arguments: shape, sampler, num_steps, eta, prediction, clip_x0,
-    timestep_spacing, variance, num_classes, return_trajectory, lower_order_final.
+    timestep_spacing, variance, num_classes, return_trajectory, lower_order_final,
+    start_timestep.
 
     Returns x0 samples (B, ...) in JAX's default float dtype (float32 unless x64 is enabled),
     and with return_trajectory also a `Trajectory`.
@@ -341,8 +346,21 @@ def sample(
     if x_init is not None and jnp.shape(x_init) != shape:
         raise ValueError(f"x_init must have shape {shape}; got {jnp.shape(x_init)}")
 
+    if start_timestep is not None:
+        if not _is_int(start_timestep) or not 0 <= start_timestep < num_timesteps:
+            raise ValueError(
+                f"start_timestep must be an integer in [0, {num_timesteps - 1}]; "
+                f"got {start_timestep!r}"
+            )
+        if num_steps > start_timestep + 1:
+            raise ValueError(
+                f"num_steps={num_steps} exceeds the {start_timestep + 1} timesteps from "
+                f"start_timestep={start_timestep} to 0; lower num_steps"
+            )
     dtype = diffusion.float_dtype()
-    timesteps = get_timesteps(num_timesteps, num_steps, timestep_spacing)
+    # A chain started at t_start is spaced like a schedule of t_start + 1 steps.
+    chain_length = num_timesteps if start_timestep is None else start_timestep + 1
+    timesteps = get_timesteps(chain_length, num_steps, timestep_spacing)
     # float64 numpy for a schedule closed over; a jax array when the schedule itself is traced.
     ab = sch.alphas_cumprod[timesteps]
 

@@ -24,17 +24,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpointing, images, parallel, sampling, schedules, training
+from diffusion_jax import checkpointing, images, parallel, sampling, training
 from diffusion_jax.config_validation import (
-    ConfigError,
     check_resume_compatible,
     check_workdir_writable,
     locked_key_changes,
-    validate_against_dataset,
     validate_config,
 )
 from diffusion_jax.data import pipeline
 from diffusion_jax.metric_writer import MetricWriter
+from diffusion_jax.run import ModelSetup
 
 
 def _is_chief() -> bool:
@@ -126,37 +125,8 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class _Setup:
-    """What both modes derive from a config: mesh, data info, model, schedule, state shape."""
-
-    def __init__(self, config: ml_collections.ConfigDict) -> None:
-        self.mesh = parallel.create_mesh()
-        try:
-            self.info = pipeline.dataset_info(config.data)
-        except pipeline.DatasetNotPreparedError:
-            raise
-        except ValueError as error:  # e.g. an unknown dataset name
-            raise ConfigError(f"data.name={config.data.name!r}: {error}") from None
-        validate_against_dataset(config, self.info.num_classes)
-        self.image_shape: tuple[int, int, int] = tuple(self.info.image_shape)  # type: ignore[assignment]
-        self.model = training.create_model(config.model, self.info.num_classes)
-        self.schedule = schedules.get_schedule(
-            config.diffusion.schedule, num_timesteps=config.diffusion.num_timesteps
-        )
-        self.optimizer = training.create_optimizer(config.training)
-        self.replicated = parallel.replicated_sharding(self.mesh)
-        self.init_state = jax.jit(
-            functools.partial(
-                training.init_train_state,
-                self.model,
-                self.optimizer,
-                image_shape=self.image_shape,
-            ),
-            out_shardings=self.replicated,
-        )
-        self.abstract_state = checkpointing.abstract_like(
-            jax.eval_shape(self.init_state, jax.random.PRNGKey(0)), self.replicated
-        )
+class _Setup(ModelSetup):
+    """`run.ModelSetup` plus the jitted sample functions of both modes."""
 
     def sample_fn(self, config: ml_collections.ConfigDict, batch_size: int) -> Any:
         return sampling.make_sample_fn(
@@ -397,13 +367,7 @@ def sample(
     checkpointing.require_checkpoint(workdir)
     _check_saved_config(config, workdir, allow_config_change)
     setup = _Setup(config)
-    # Read-only: a manager that may write would delete the tmp dir of a save in flight when
-    # sampling from a workdir that is still training.
-    checkpointer = checkpointing.Checkpointer(workdir, async_save=False, read_only=True)
-    state = checkpointer.restore_latest_readable(setup.abstract_state)
-    checkpointer.close()
-    if state is None:  # the checkpoints vanished since require_checkpoint
-        raise checkpointing.NoCheckpointError(f"no checkpoint left in {workdir}")
+    state = setup.restore(workdir)
     batches = sampling.generate_batches(
         setup.sample_fn(config, scfg.batch_size),
         state.ema_params,
