@@ -1,0 +1,1 @@
+"""Sample-quality and likelihood evaluation: feature networks, metrics and the eval mode."""
