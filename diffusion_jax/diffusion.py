@@ -1,4 +1,6 @@
-"""Forward process, posterior, eps / x0 / v conversions and training losses.
+"""Forward process, posterior, eps / x0 / v conversions, training losses (with Improved DDPM's
+hybrid loss for learned variances) and the terms of the variational bound (`normal_kl`, the
+discretised decoder, `vlb_terms`, `prior_bpd`; summed over t by `likelihood.bits_per_dim`).
 
 Every function takes the schedule `sch`, integer timesteps `t`: int (B,) in [0, T) and arrays
 x: (B, ...) batched over the leading axis with any trailing shape. Schedule coefficients are
@@ -17,11 +19,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from diffusion_jax.schedules import Schedule
 
 PREDICTIONS = ("eps", "x0", "v")
-VARIANCES = ("fixed_small", "fixed_large")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_WEIGHTINGS = ("simple", "snr", "min_snr")
 
 Array = jax.Array
@@ -122,6 +125,33 @@ def model_output_to_x0_eps(
     return predict_x0_from_v(sch, x_t, t, output), predict_eps_from_v(sch, x_t, t, output)
 
 
+def split_learned_variance(output: Array) -> tuple[Array, Array]:
+    """Split a learned-variance output (B, ..., 2C) into (prediction, variance values), each
+    (B, ..., C): the first C channels are the eps / x0 / v prediction, the last C the raw
+    interpolation value v of `learned_range_log_variance`."""
+    channels = output.shape[-1]
+    if channels % 2:
+        raise ValueError(
+            f"a learned-variance model must output 2C channels; got {channels} (odd): build it "
+            "with learn_sigma=True"
+        )
+    return output[..., : channels // 2], output[..., channels // 2 :]
+
+
+def learned_range_log_variance(
+    min_log: Array, max_log: Array, var_values: Array
+) -> tuple[Array, Array]:
+    """Improved DDPM's interpolated log-variance: with frac = (v + 1) / 2,
+    log_var = frac * max_log + (1 - frac) * min_log (frac 0 -> min, 1 -> max; not clipped).
+
+    min_log, max_log: broadcastable to var_values (B, ...), e.g. (B, 1, ..., 1) for the clipped
+    log posterior variance and log(beta_t). Returns (variance, log_variance), each (B, ...).
+    """
+    frac = (var_values + 1.0) / 2.0
+    log_var = frac * max_log + (1.0 - frac) * min_log
+    return jnp.exp(log_var), log_var
+
+
 def p_mean_variance(
     sch: Schedule,
     output: Array,
@@ -136,19 +166,116 @@ def p_mean_variance(
 
     The mean is the posterior mean q(x_{t-1} | x_t, x0_pred), with x0_pred clipped to [-1, 1]
     if `clip_x0`. variance: 'fixed_small' = posterior variance (log clipped at t = 0);
-    'fixed_large' = beta_t, with entry 0 replaced by posterior_variance[1] (Ho et al.).
-    Returns (mean (B, ...), variance (B, 1, ...), log_variance (B, 1, ...), x0_pred (B, ...)).
+    'fixed_large' = beta_t, with entry 0 replaced by posterior_variance[1] (Ho et al.);
+    'learned_range' (Nichol & Dhariwal 2021) = `output` has 2C channels (B, ..., 2C), the last C
+    interpolating the log-variance between the clipped log posterior variance (min) and
+    log(beta_t) (max), see `learned_range_log_variance`.
+    Returns (mean (B, ...), variance, log_variance, x0_pred (B, ...)); the variances are
+    (B, 1, ..., 1) when fixed and (B, ...) when learned.
     """
     _check_choice("variance", variance, VARIANCES)
+    var_values = None
+    if variance == "learned_range":
+        output, var_values = split_learned_variance(output)
     x0, _ = model_output_to_x0_eps(sch, x_t, t, output, prediction)
     if clip_x0:
         x0 = jnp.clip(x0, -1.0, 1.0)
     mean, small_var, small_log_var = q_posterior(sch, x0, x_t, t)
     if variance == "fixed_small":
         return mean, small_var, small_log_var, x0
+    if var_values is not None:
+        max_log = extract(_log(sch.betas), t, x_t.ndim)
+        var, log_var = learned_range_log_variance(small_log_var, max_log, var_values)
+        return mean, var, log_var, x0
     large_var = extract(sch.large_variance, t, x_t.ndim)
     large_log_var = extract(sch.large_log_variance, t, x_t.ndim)
     return mean, large_var, large_log_var, x0
+
+
+def _log(arr: Any) -> Any:
+    """log in float64 numpy for a schedule closed over, traced for a schedule passed in."""
+    return np.log(arr) if isinstance(arr, np.ndarray) else jnp.log(arr)
+
+
+def normal_kl(mean1: ArrayLike, logvar1: ArrayLike, mean2: ArrayLike, logvar2: ArrayLike) -> Array:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats, elementwise (broadcast).
+
+    = 0.5 (logvar2 - logvar1 + exp(logvar1 - logvar2) - 1 + (mean1 - mean2)^2 exp(-logvar2)),
+    with exp(d) - 1 as expm1(d): exact 0 for equal distributions and no cancellation when the
+    variances are close (the KL terms of a good model at large t).
+    """
+    mean1, logvar1, mean2, logvar2 = (jnp.asarray(a) for a in (mean1, logvar1, mean2, logvar2))
+    log_ratio = logvar1 - logvar2
+    return 0.5 * (-log_ratio + jnp.expm1(log_ratio) + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x: Array, means: Array, log_scales: Array) -> Array:
+    """log P(x) in nats, elementwise, of data x in [-1, 1] quantised to 256 levels (uint8 k at
+    x = 2k / 255 - 1) under N(means, exp(log_scales)^2) integrated over each level's bin of
+    width 2 / 255; the edge bins extend to -inf and +inf, so the 256 probabilities sum to 1.
+
+    x, means, log_scales broadcast together. Tails stay exact: the edge bins use log Phi, and an
+    inner bin is reflected to the left of the mean (the normal is symmetric) so that both CDFs
+    are small and their difference keeps its digits, log(Phi(b) - Phi(a)) = log Phi(b) +
+    log(1 - exp(log Phi(a) - log Phi(b))).
+    """
+    half_bin = 1.0 / 255.0
+    inv_scale = jnp.exp(-log_scales)
+    centered = x - means
+    lowest = jax.scipy.special.log_ndtr((centered + half_bin) * inv_scale)  # (-inf, x + h]
+    highest = jax.scipy.special.log_ndtr((half_bin - centered) * inv_scale)  # [x - h, inf)
+    u = -jnp.abs(centered)
+    log_hi = jax.scipy.special.log_ndtr((u + half_bin) * inv_scale)
+    log_lo = jax.scipy.special.log_ndtr((u - half_bin) * inv_scale)
+    # Capped below 0 so a bin far narrower than the scale stays finite (and its gradient too).
+    diff = jnp.minimum(log_lo - log_hi, -1e-30)
+    inner = log_hi + jnp.log(-jnp.expm1(diff))
+    # Thresholds between the edge level and its neighbour (2 / 255 away).
+    return jnp.where(x < -0.999, lowest, jnp.where(x > 0.999, highest, inner))
+
+
+def _mean_over_dims(x: Array) -> Array:
+    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def vlb_terms(
+    sch: Schedule,
+    output: Array,
+    x0: Array,
+    x_t: Array,
+    t: Array,
+    *,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: bool = True,
+) -> Array:
+    """The term L_t of the variational bound in bits per dimension, (B,).
+
+    t >= 1: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)); t = 0: the decoder NLL
+    -log p(x0 | x_t) of the 256-level data (`discretized_gaussian_log_likelihood` with the
+    reverse step's mean and scale). Each is the mean over the non-batch dimensions divided by
+    log 2. output: model output (B, ...) at (x_t, t) ((B, ..., 2C) for 'learned_range');
+    x0: clean data (B, ...) in [-1, 1]; x_t: (B, ...); t: int (B,).
+    """
+    true_mean, _, true_log_var = q_posterior(sch, x0, x_t, t)
+    mean, _, log_var, _ = p_mean_variance(
+        sch, output, x_t, t, prediction=prediction, variance=variance, clip_x0=clip_x0
+    )
+    kl = _mean_over_dims(normal_kl(true_mean, true_log_var, mean, log_var)) / np.log(2.0)
+    nll = -_mean_over_dims(
+        discretized_gaussian_log_likelihood(x0, mean, 0.5 * jnp.broadcast_to(log_var, x0.shape))
+    ) / np.log(2.0)
+    return jnp.where(t == 0, nll, kl)
+
+
+def prior_bpd(sch: Schedule, x0: Array) -> Array:
+    """KL(q(x_T | x0) || N(0, I)) in bits per dimension, (B,), for x0: (B, ...); no
+    parameters, so no training signal, but part of the bound."""
+    t_last = jnp.full((x0.shape[0],), sch.num_timesteps - 1, dtype=jnp.int32)
+    mean = extract(sch.sqrt_alphas_cumprod, t_last, x0.ndim) * x0
+    log_var = extract(2.0 * _log(sch.sqrt_one_minus_alphas_cumprod), t_last, x0.ndim)
+    kl = normal_kl(mean, jnp.broadcast_to(log_var, x0.shape), 0.0, 0.0)
+    return _mean_over_dims(kl) / np.log(2.0)
 
 
 def loss_weights(
@@ -225,6 +352,8 @@ def training_loss(
     label_dropout: float = 0.0,
     t: Array | None = None,
     noise: Array | None = None,
+    learn_sigma: bool = False,
+    vlb_weight: float = 0.001,
 ) -> Array:
     """Per-example denoising loss (B,) for clean data x0: (B, ...).
 
@@ -232,6 +361,15 @@ def training_loss(
     `model_fn(x_t, t)`, or `model_fn(x_t, t, labels)` when labels (B,) int are given. With
     `label_dropout` > 0 each label is replaced by the null class `num_classes` with that
     probability (classifier-free guidance training). See `per_example_loss` for `weighting`.
+
+    learn_sigma: the model outputs (B, ..., 2C) (prediction, variance values; see
+    `p_mean_variance` 'learned_range') and the loss is Nichol & Dhariwal's hybrid
+    L_simple + vlb_weight * L_vlb. L_vlb = sum_t L_t is estimated from the one sampled t as
+    T * L_t (t uniform, so E[T * L_t] = L_vlb), L_t from `vlb_terms` in bits/dim without
+    clipping x0. The mean prediction enters L_t through a stop-gradient, so L_vlb trains only
+    the variance and L_simple only the mean. With vlb_weight = 0.001 this is the reference
+    code's `vb * T / 1000` ('rescaled MSE'); the paper's lambda = 0.001 keeps the noisy VLB
+    gradient from swamping L_simple.
     """
     _check_choice("prediction", prediction, PREDICTIONS)
     _check_choice("loss weighting", weighting, LOSS_WEIGHTINGS)
@@ -243,6 +381,8 @@ def training_loss(
         )
     if weighting == "min_snr" and not min_snr_gamma > 0:
         raise ValueError(f"min_snr_gamma must be > 0; got {min_snr_gamma}")
+    if not vlb_weight >= 0:
+        raise ValueError(f"vlb_weight must be >= 0 (0 = L_simple only); got {vlb_weight}")
     t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
     batch = x0.shape[0]
     if t is None:
@@ -257,9 +397,13 @@ def training_loss(
             assert num_classes is not None  # checked above
             labels = drop_labels(drop_rng, labels, num_classes, label_dropout)
         output = model_fn(x_t, t, labels)
-    return per_example_loss(
+    output = output.astype(x_t.dtype)
+    var_values = None
+    if learn_sigma:
+        output, var_values = split_learned_variance(output)
+    loss = per_example_loss(
         sch,
-        output.astype(x_t.dtype),
+        output,
         x0,
         noise,
         t,
@@ -267,3 +411,10 @@ def training_loss(
         weighting=weighting,
         min_snr_gamma=min_snr_gamma,
     )
+    if var_values is None:
+        return loss
+    frozen = jnp.concatenate([jax.lax.stop_gradient(output), var_values], axis=-1)
+    vlb = vlb_terms(
+        sch, frozen, x0, x_t, t, prediction=prediction, variance="learned_range", clip_x0=False
+    )
+    return loss + vlb_weight * sch.num_timesteps * vlb

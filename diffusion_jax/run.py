@@ -192,6 +192,8 @@ def _sampler_kwargs(config: ml_collections.ConfigDict, num_classes: int | None) 
         "variance": s.variance,
         "guidance_scale": s.guidance_scale,
         "num_classes": num_classes,
+        # A learned-variance model outputs 2C channels; the samplers must know to split them.
+        "learn_sigma": bool(config.model.get("learn_sigma", False)),
     }
 
 

@@ -6,8 +6,9 @@ only there; the model appears once in the traced graph (one scan body), so compi
 not grow with N. Per-step coefficients are computed in float64 numpy before tracing.
 
     ddpm          ancestral sampling on the respaced chain tau, beta'_k = 1 - ab[tau_k] /
-                  ab[tau_{k+1}] (all T steps when N = T); variance 'fixed_small' | 'fixed_large'.
-                  N model evaluations.
+                  ab[tau_{k+1}] (all T steps when N = T); variance 'fixed_small' | 'fixed_large'
+                  | 'learned_range' (a learn_sigma model's own, interpolated on the respaced
+                  chain as in Improved DDPM). N model evaluations.
     ddim          Song et al.; eta = 0 deterministic, eta = 1 is ancestral sampling (== ddpm
                   'fixed_small') on tau. N evaluations.
     dpm_solver++  Lu et al. 2022, 2M multistep with data (x0) prediction in lambda = log(a / sigma)
@@ -34,6 +35,9 @@ steps on (2-56x less), though pure 2M is better at 6 steps on 'linear'. Its erro
 near 21-41 steps and its observed order at 81-321 steps is ~1.5-1.8. heun's first step starts
 at sigma(T-1) (~157 for 'linear', ~2e4 for 'cosine', where heun needs ~80+ steps to be
 accurate). Check the benchmark before choosing.
+
+A learn_sigma model (output (B, ..., 2C), Improved DDPM) is used through its first C channels
+by every sampler; only ddpm with variance='learned_range' reads the last C.
 
 Noise: sample i uses key_i = fold_in(rng, sample_ids[i]); x_T ~ N(0, I) from fold_in(key_i, 0)
 and the noise injected at step k from fold_in(key_i, k + 1). So sample i does not depend on the
@@ -99,6 +103,7 @@ def validate_sampler_args(
     timestep_spacing: str = "linspace",
     variance: str = "fixed_small",
     temperature: Any = 1.0,
+    learn_sigma: bool = False,
 ) -> None:
     """Raise ValueError naming the allowed values / the fix for any bad sampler option."""
     if sampler not in SAMPLERS:
@@ -111,6 +116,11 @@ def validate_sampler_args(
         )
     if variance not in diffusion.VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; use one of {diffusion.VARIANCES}")
+    if variance == "learned_range" and not learn_sigma:
+        raise ValueError(
+            "variance='learned_range' needs a model that outputs its variance (learn_sigma=True, "
+            "config model.learn_sigma=True); use 'fixed_small' or 'fixed_large' for this model"
+        )
     if not _is_int(num_timesteps) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be an integer >= 1; got {num_timesteps!r}")
     if not _is_int(num_steps) or not 1 <= num_steps <= num_timesteps:
@@ -195,17 +205,36 @@ def _next_alphas_cumprod(ab: Any) -> Any:
 
 
 def _ddpm_coefficients(ab: Any, variance: str) -> tuple[Any, Any, Any]:
-    """Posterior coefficients (on x0, on x_t) and std of the respaced chain, each (N,)."""
+    """Posterior coefficients (on x0, on x_t) and std of the respaced chain, each (N,).
+
+    For 'learned_range' the std is that of 'fixed_small' (the sampler replaces it by the
+    model's; see `_learned_range_bounds`) except for the noiseless last step.
+    """
     xp = _xp(ab)
     ab_next = _next_alphas_cumprod(ab)
     beta = 1.0 - ab / ab_next  # respaced beta'_k
     c_x0 = beta * xp.sqrt(ab_next) / (1.0 - ab)
     c_xt = (1.0 - ab_next) * xp.sqrt(1.0 - beta) / (1.0 - ab)
-    var = beta * (1.0 - ab_next) / (1.0 - ab) if variance == "fixed_small" else beta
+    var = beta if variance == "fixed_large" else beta * (1.0 - ab_next) / (1.0 - ab)
     # No noise on the last step (into clean data): Ho et al.'s nonzero mask at t = 0.
     is_last = xp.arange(ab.shape[0]) == ab.shape[0] - 1
     std = xp.where(is_last, 0.0, xp.sqrt(var))
     return c_x0, c_xt, std
+
+
+def _learned_range_bounds(ab: Any) -> tuple[Any, Any]:
+    """(min, max) log-variance of 'learned_range' on the respaced chain, each (N,): the clipped
+    log posterior variance and log beta'_k, as for a schedule built from the respaced betas
+    (Improved DDPM). The last step's posterior variance is 0; its log is clipped to the step
+    before's (to log beta' when N = 1), as `schedules` does at t = 0."""
+    xp = _xp(ab)
+    ab_next = _next_alphas_cumprod(ab)
+    beta = 1.0 - ab / ab_next
+    post_var = beta * (1.0 - ab_next) / (1.0 - ab)
+    n = ab.shape[0]
+    last = post_var[n - 2 : n - 1] if n > 1 else beta[-1:]
+    min_log = xp.log(xp.concatenate([post_var[:-1], last]))
+    return min_log, xp.log(beta)
 
 
 def _ddim_coefficients(ab: Any, eta: float) -> tuple[Any, Any, Any]:
@@ -287,6 +316,7 @@ def sample(
     return_trajectory: bool = False,
     lower_order_final: bool = True,
     start_timestep: int | None = None,
+    learn_sigma: bool = False,
 ) -> Any:
     """Draw samples (B, ...) = `shape` from the model; see the module docstring.
 
@@ -294,7 +324,12 @@ def sample(
     it is called as model_fn(x_t, t, labels). guidance_scale != 1 applies classifier-free
     guidance with the null label `num_classes` (then required); a scalar or (B,).
     clip_x0 clips every x0 prediction to [-1, 1]. temperature scales the noise injected by
-    ddpm and ddim with eta > 0 (not x_T). variance: ddpm only. eta: ddim only.
+    ddpm and ddim with eta > 0 (not x_T). variance: ddpm only; 'learned_range' needs
+    learn_sigma and interpolates each step's log-variance between the respaced chain's clipped
+    posterior variance and beta'_k (Improved DDPM). eta: ddim only.
+    learn_sigma: model_fn returns (B, ..., 2C), the prediction then the variance values
+    (`diffusion.split_learned_variance`); every sampler uses the first C channels, ddpm with
+    'learned_range' also the last C (with guidance, their guided combination).
     sample_ids: (B,) int, default arange(B); see the module docstring.
     x_init: (B, ...) start at t = timesteps[0] instead of x_T ~ N(0, I) (e.g. to interpolate
     between starting points of the deterministic samplers); injected noise is unchanged.
@@ -306,7 +341,7 @@ def sample(
     needs num_steps <= start_timestep + 1.
     Static (Python) arguments: shape, sampler, num_steps, eta, prediction, clip_x0,
     timestep_spacing, variance, num_classes, return_trajectory, lower_order_final,
-    start_timestep.
+    start_timestep, learn_sigma.
 
     Returns x0 samples (B, ...) in JAX's default float dtype (float32 unless x64 is enabled),
     and with return_trajectory also a `Trajectory`.
@@ -322,6 +357,7 @@ def sample(
         timestep_spacing=timestep_spacing,
         variance=variance,
         temperature=temperature,
+        learn_sigma=learn_sigma,
     )
     if not isinstance(lower_order_final, (bool, np.bool_)):
         raise ValueError(f"lower_order_final must be a bool; got {lower_order_final!r}")
@@ -377,17 +413,29 @@ def sample(
         cfg = classifier_free_guidance(model_fn, guidance_scale, num_classes)
         net = lambda x, t: cfg(x, t, labels)
 
-    def denoise(x: Array, t_step: Array) -> tuple[Array, Array]:
-        """(x0, eps) predictions (B, ...) at the integer timestep t_step (scalar)."""
+    out_shape = (*shape[:-1], 2 * shape[-1]) if learn_sigma else shape
+
+    def denoise_with_var(x: Array, t_step: Array) -> tuple[Array, Array, Array | None]:
+        """(x0, eps) predictions (B, ...) at the integer timestep t_step (scalar), and the
+        variance values (B, ...) of a learn_sigma model (else None)."""
         t = jnp.full((batch,), t_step, dtype=jnp.int32)
         out = net(x, t)
-        if out.shape != x.shape:
-            raise ValueError(f"model_fn returned shape {out.shape}; expected {x.shape}")
-        x0, eps = diffusion.model_output_to_x0_eps(sch, x, t, out.astype(dtype), prediction)
+        if out.shape != out_shape:
+            hint = " (a learned-variance model needs learn_sigma=True)" if not learn_sigma else ""
+            raise ValueError(f"model_fn returned shape {out.shape}; expected {out_shape}{hint}")
+        out = out.astype(dtype)
+        var_values = None
+        if learn_sigma:
+            out, var_values = diffusion.split_learned_variance(out)
+        x0, eps = diffusion.model_output_to_x0_eps(sch, x, t, out, prediction)
         if clip_x0:
             x0 = jnp.clip(x0, -1.0, 1.0)
             eps = diffusion.predict_eps_from_x0(sch, x, t, x0)
-        return x0.astype(dtype), eps.astype(dtype)
+        return x0.astype(dtype), eps.astype(dtype), var_values
+
+    def denoise(x: Array, t_step: Array) -> tuple[Array, Array]:
+        x0, eps, _ = denoise_with_var(x, t_step)
+        return x0, eps
 
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(sample_ids))
 
@@ -407,15 +455,26 @@ def sample(
 
     if sampler == "ddpm":
         c_x0, c_xt, std = _ddpm_coefficients(ab, variance)
+        learned = variance == "learned_range"
+        min_log, max_log = _learned_range_bounds(ab)
 
         def ddpm_body(x: Array, xs: tuple[Array, ...]) -> tuple[Array, Any]:
-            k, t_step, a0, at, s = xs
-            x0, _ = denoise(x, t_step)
+            k, t_step, a0, at, s, lo, hi = xs
+            x0, _, var_values = denoise_with_var(x, t_step)
+            if learned:
+                assert var_values is not None  # learn_sigma is checked with the variance
+                _, log_var = diffusion.learned_range_log_variance(bcast(lo), bcast(hi), var_values)
+                # std is 0 on the last step (no noise into clean data), else 1 times the model's.
+                s = jnp.where(s > 0, jnp.exp(0.5 * log_var), 0.0)
+            else:
+                s = bcast(s)
             z = normal(k + 1)
-            x_next = bcast(a0) * x0 + bcast(at) * x + bcast(s) * temperature * z
+            x_next = bcast(a0) * x0 + bcast(at) * x + s * temperature * z
             return x_next.astype(dtype), ((x, x0) if record else None)
 
-        out, ys = jax.lax.scan(ddpm_body, x_init, (steps, ts, *_as_jnp(c_x0, c_xt, std)))
+        out, ys = jax.lax.scan(
+            ddpm_body, x_init, (steps, ts, *_as_jnp(c_x0, c_xt, std, min_log, max_log))
+        )
         eval_ts = ts
     elif sampler == "ddim":
         c_x0, c_eps, c_z = _ddim_coefficients(ab, eta)

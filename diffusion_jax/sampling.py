@@ -82,6 +82,7 @@ def make_sample_fn(
             guidance_scale=sampling_config.guidance_scale,
             num_classes=model.num_classes,
             sample_ids=sample_ids,
+            learn_sigma=model.learn_sigma,
         )
 
     replicated, batch = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
@@ -122,8 +123,10 @@ def generate_batches(
     num_samples: int,
     batch_size: int,
     labels_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+    first_id: int = 0,
 ) -> Iterator[np.ndarray]:
-    """Yield uint8 (b, H, W, C) batches of samples 0..num_samples-1 in order, on every process.
+    """Yield uint8 (b, H, W, C) batches of samples first_id..first_id+num_samples-1 in order,
+    on every process.
 
     sample_fn: from `make_sample_fn` (batch `batch_size`); called with numpy rng key data (2,)
       uint32, ids (batch_size,) int32 and labels (batch_size,) int32 or None.
@@ -132,7 +135,7 @@ def generate_batches(
     """
     rng = np.asarray(jax.random.PRNGKey(seed))
     for start in range(0, num_samples, batch_size):
-        ids = np.arange(start, start + batch_size, dtype=np.int32)
+        ids = np.arange(first_id + start, first_id + start + batch_size, dtype=np.int32)
         labels = None if labels_fn is None else np.asarray(labels_fn(ids), np.int32)
         x = parallel.to_host(sample_fn(params, rng, ids, labels))
         count = min(batch_size, num_samples - start)

@@ -61,6 +61,8 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int | Non
         attn_resolutions=tuple(model_config.attn_resolutions),
         dropout=model_config.dropout,
         num_classes=num_classes if model_config.class_conditional else None,
+        # .get: configs saved before the key existed describe fixed-variance models.
+        learn_sigma=bool(model_config.get("learn_sigma", False)),
         dtype=COMPUTE_DTYPES[model_config.dtype],
     )
 
@@ -145,6 +147,8 @@ def make_train_step(
             labels=batch["label"] if conditional else None,
             num_classes=model.num_classes,
             label_dropout=diffusion_config.label_dropout if conditional else 0.0,
+            learn_sigma=model.learn_sigma,
+            vlb_weight=diffusion_config.get("vlb_weight", 0.001),
         )
         return jnp.mean(per_example)
 

@@ -291,7 +291,10 @@ class UNet(nn.Module):
     Call: ``model.apply({'params': p}, x, t, labels, train=..., rngs={'dropout': key})``
       x: (B, H, W, C) float images; t: (B,) int or float timesteps (a scalar is broadcast);
       labels: (B,) int class ids in [0, num_classes] (num_classes = the "null" class), required
-      iff ``num_classes`` is set. Returns (B, H, W, out_channels) float32.
+      iff ``num_classes`` is set. Returns (B, H, W, out_channels) float32, or with
+      ``learn_sigma`` (B, H, W, 2 * out_channels): the prediction, then the per-pixel variance
+      interpolation values of Improved DDPM (``diffusion.p_mean_variance`` 'learned_range').
+    ``out_channels`` defaults to C, the input's channels.
     Dropout (train=True, dropout > 0) draws from the 'dropout' rng collection.
     """
 
@@ -302,6 +305,7 @@ class UNet(nn.Module):
     dropout: float = 0.1
     num_classes: int | None = None
     out_channels: int | None = None
+    learn_sigma: bool = False
     dtype: Dtype = jnp.float32
     resamp_with_conv: bool = True
     num_groups: int = 32  # GroupNorm groups; 32 as in the reference
@@ -361,7 +365,7 @@ class UNet(nn.Module):
 
         ch, dt, groups = self.ch, self.dtype, self.num_groups
         num_levels = len(self.ch_mult)
-        out_ch = self.out_channels or x.shape[-1]
+        out_ch = (self.out_channels or x.shape[-1]) * (2 if self.learn_sigma else 1)
 
         def resblock(h: jax.Array, out: int | None, name: str) -> jax.Array:
             return ResnetBlock(out, self.dropout, num_groups=groups, dtype=dt, name=name)(
