@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdirs/digits
 
-.PHONY: install digits test pytest lint format bench clean
+.PHONY: install digits digits-eval digits-table test pytest lint format bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,28 @@ $(VENV)/.installed: setup.cfg pyproject.toml requirements/constraints.txt
 
 install: $(VENV)/.installed
 
-# The main job: train on the embedded digits dataset, then write samples.
+# The main job: train on the embedded digits dataset, write samples, then score them (digits FD).
 digits: install
 	$(BIN)/python -m experiments.main --config=configs/digits.py --workdir=$(WORKDIR)
 	$(BIN)/python -m experiments.main --config=configs/digits.py --workdir=$(WORKDIR) --mode=sample
+	$(MAKE) digits-eval
+
+# Reference statistics of the digits splits (seconds; once per data_dir), then --mode=eval.
+digits-eval: install
+	$(BIN)/python -m experiments.reference_stats --dataset=digits --split=train --network=digits
+	$(BIN)/python -m experiments.reference_stats --dataset=digits --split=test --network=digits
+	$(BIN)/python -m experiments.main --config=configs/digits.py --workdir=$(WORKDIR) --mode=eval
+
+# The README's digits table: digits FD of 1000 samples per sampler and step count, then the table.
+TABLE_SAMPLERS ?= ddpm ddim dpm_solver++ heun
+TABLE_STEPS ?= 10 20 50 100 1000
+digits-table: install
+	for steps in $(TABLE_STEPS); do for sampler in $(TABLE_SAMPLERS); do \
+		$(BIN)/python -m experiments.main --config=configs/digits.py --workdir=$(WORKDIR) \
+			--mode=eval --config.eval.bpd_num_images=0 \
+			--config.sampling.sampler=$$sampler --config.sampling.num_steps=$$steps || exit 1; \
+	done; done
+	$(BIN)/python -m experiments.eval_table --workdir=$(WORKDIR) --metric=fd
 
 # Lint, type check, then the test suite (what CI runs).
 test: lint pytest

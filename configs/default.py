@@ -72,7 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.timestep_spacing = "linspace"
     sampling.clip_x0 = True
     sampling.temperature = 1.0
-    sampling.variance = "fixed_small"  # ancestral samplers: 'fixed_small' | 'fixed_large'
+    # ddpm: 'fixed_small' | 'fixed_large' | 'learned_range' (a model.learn_sigma model's own)
+    sampling.variance = "fixed_small"
     sampling.num_samples = 1000
     sampling.batch_size = 250  # per call; samples do not depend on it
     sampling.seed = 0
@@ -100,8 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.edit = edit = ml_collections.ConfigDict()
     edit.split = "test"  # source images: the first edit.num_images of this split
     edit.num_images = 8
-    edit.strength = 0.5  # sdedit: fraction of the chain to noise (0 = input returned)
-    edit.mask = "left_half"  # inpaint: which pixels are regenerated
-    edit.resample_steps = 10  # inpaint: RePaint resampling (jumps) per step (1 = none)
+    # sdedit: fractions of the chain to noise, one output row each (0 = the input returned).
+    edit.strength = (0.3, 0.5, 0.7)
+    edit.mask = "left_half"  # inpaint: the region regenerated ('right_half', 'center', ...)
+    edit.resample_steps = 10  # inpaint: RePaint resamplings U per step (1 = none)
+    edit.jump_length = 1  # inpaint: RePaint jump length j (steps re-noised per resampling)
     edit.seed = 0
     return config

@@ -25,8 +25,14 @@ class ConfigError(ValueError):
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     """Raise `ConfigError` for the first inconsistent or out-of-range value of `config`."""
+    # Imported here: these modules need ConfigError from this one.
+    from diffusion_jax.edit_modes import validate_edit_config
+    from diffusion_jax.evaluation.eval_config import validate_eval_config
+
     _check_ranges(config)
     _check_devices(config, num_devices)
+    validate_eval_config(config, num_devices)
+    validate_edit_config(config)
     # Cheap calls into the library's own validation: one source of truth for allowed values.
     _reraise(
         lambda: schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
@@ -51,6 +57,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
             timestep_spacing=config.sampling.timestep_spacing,
             variance=config.sampling.variance,
             temperature=config.sampling.temperature,
+            learn_sigma=bool(config.model.get("learn_sigma", False)),
         )
     )
     _reraise(
@@ -174,6 +181,10 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
         ),
         (d.min_snr_gamma > 0, f"diffusion.min_snr_gamma={d.min_snr_gamma}; use a positive value"),
         (0.0 <= d.label_dropout < 1.0, f"diffusion.label_dropout={d.label_dropout}; use [0, 1)"),
+        (
+            d.get("vlb_weight", 0.0) >= 0,
+            f"diffusion.vlb_weight={d.get('vlb_weight')}; use >= 0 (0 = L_simple only)",
+        ),
         (d.num_timesteps >= 1, f"diffusion.num_timesteps={d.num_timesteps}; use 1 or more"),
         (t.num_train_steps >= 0, f"training.num_train_steps={t.num_train_steps}; use >= 0"),
         (t.learning_rate > 0, f"training.learning_rate={t.learning_rate}; use a positive rate"),

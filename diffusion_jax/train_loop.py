@@ -36,7 +36,7 @@ from diffusion_jax.metric_writer import MetricWriter
 from diffusion_jax.run import ModelSetup
 
 
-def _is_chief() -> bool:
+def is_chief() -> bool:
     return jax.process_index() == 0
 
 
@@ -46,7 +46,7 @@ class NonFiniteError(RuntimeError):
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Save the resolved config as `<workdir>/config.json` (process 0 only), atomically."""
-    if _is_chief():
+    if is_chief():
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "config.json")
         with open(path + ".tmp", "w") as f:
@@ -54,7 +54,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         os.replace(path + ".tmp", path)
 
 
-def _check_saved_config(
+def check_saved_config(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
 ) -> None:
     """Refuse (or, when allowed, warn about) a resume that changes the model's shape or meaning."""
@@ -81,7 +81,7 @@ def _truncate_metrics(workdir: str, step: int) -> None:
     killed run logged after its last checkpoint, and will log again, appear once. Also drops a
     line cut short by the kill."""
     path = os.path.join(workdir, "metrics.jsonl")
-    if not _is_chief() or not os.path.exists(path):
+    if not is_chief() or not os.path.exists(path):
         return
     kept = []
     with open(path) as f:
@@ -163,7 +163,7 @@ def train(
     """
     validate_config(config, num_devices=jax.device_count())
     check_workdir_writable(workdir)
-    _check_saved_config(config, workdir, allow_config_change)
+    check_saved_config(config, workdir, allow_config_change)
     setup = _Setup(config)
     checkpointer = checkpointing.Checkpointer(
         workdir, max_to_keep=config.training.max_checkpoints_to_keep
@@ -224,7 +224,7 @@ def _train(
         out_shardings=(setup.replicated, setup.replicated),
         donate_argnums=0,
     )
-    writer = MetricWriter(workdir, enabled=_is_chief())
+    writer = MetricWriter(workdir, enabled=is_chief())
     grid_fn = setup.sample_fn(config, _grid_batch_size(tcfg.num_grid_samples, setup.mesh))
     nan_steps = set(tcfg.debug_nan_steps)
     save_seconds, num_saves = 0.0, 0
@@ -365,7 +365,7 @@ def sample(
     scfg = config.sampling
     validate_config(config, num_devices=jax.device_count())
     checkpointing.require_checkpoint(workdir)
-    _check_saved_config(config, workdir, allow_config_change)
+    check_saved_config(config, workdir, allow_config_change)
     setup = _Setup(config)
     state = setup.restore(workdir)
     batches = sampling.generate_batches(
@@ -386,7 +386,7 @@ def sample(
         time.perf_counter() - started,
     )
     path = os.path.join(workdir, "samples", sampling.sample_name(scfg) + ".npz")
-    if _is_chief():
+    if is_chief():
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _atomic_savez(path, samples)
         images.save_grid(path[: -len(".npz")] + ".png", samples[: min(len(samples), 100)])
@@ -413,7 +413,7 @@ def _write_training_grid(
         labels_fn=setup.labels_fn(config),
     )
     grid = np.concatenate(list(batches))
-    if _is_chief():
+    if is_chief():
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
         images.save_grid(os.path.join(workdir, "samples", f"train_step{step}.png"), grid)
 

@@ -28,10 +28,19 @@ from diffusion_jax.checkpointing import (
 )
 from diffusion_jax.config_validation import ConfigError
 from diffusion_jax.data.pipeline import DatasetNotPreparedError
+from diffusion_jax.evaluation.eval_config import MissingEvalInputError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to do.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "sample", "eval", "sdedit", "inpaint", "visualize"],
+    "train: train or resume; sample: write samples/<name>.npz; eval: sample eval.num_samples "
+    "images in resumable shards and score them (eval/<name>.json); sdedit / inpaint: edit "
+    "images of edit.split (edits/); visualize: forward and reverse process pictures "
+    "(visualize/).",
+)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change",
     False,
@@ -75,14 +84,36 @@ def main(argv: list[str]) -> None:
     config, workdir = _CONFIG.value, _WORKDIR.value
     assert workdir is not None  # a required flag
     try:
+        allow = _ALLOW_CONFIG_CHANGE.value
         if _MODE.value == "train":
-            train_loop.train(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-        else:
-            path = train_loop.sample(
-                config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value
-            )
+            train_loop.train(config, workdir, allow_config_change=allow)
+        elif _MODE.value == "sample":
+            path = train_loop.sample(config, workdir, allow_config_change=allow)
             logging.info("Wrote %s", path)
-    except (ConfigError, NoCheckpointError, DatasetNotPreparedError) as error:
+        elif _MODE.value == "eval":
+            from diffusion_jax.evaluation import evaluate
+
+            result = evaluate.evaluate(config, workdir, allow_config_change=allow)
+            logging.info(
+                "Eval %s at step %d: %s (%s)",
+                result.name,
+                result.step,
+                ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()),
+                result.path,
+            )
+        else:
+            from diffusion_jax import edit_modes
+
+            for path in edit_modes.run_mode(
+                _MODE.value, config, workdir, allow_config_change=allow
+            ):
+                logging.info("Wrote %s", path)
+    except (
+        ConfigError,
+        NoCheckpointError,
+        DatasetNotPreparedError,
+        MissingEvalInputError,
+    ) as error:
         # Bad input: one clear line, no traceback.
         sys.exit(f"error: {error}")
     except (

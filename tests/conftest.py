@@ -76,3 +76,29 @@ def make_tiny_config(data_dir: str) -> ml_collections.ConfigDict:
 @pytest.fixture
 def tiny_config(digits_data_dir: str) -> ml_collections.ConfigDict:
     return make_tiny_config(digits_data_dir)
+
+
+@pytest.fixture(scope="session")
+def _trained_tiny_run(
+    digits_data_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, ml_collections.ConfigDict]:
+    from diffusion_jax import train_loop
+
+    config = make_tiny_config(digits_data_dir)
+    workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+    train_loop.train(config, workdir)
+    return workdir, config
+
+
+@pytest.fixture
+def trained_tiny_run(
+    _trained_tiny_run: tuple[str, ml_collections.ConfigDict], tmp_path
+) -> tuple[str, ml_collections.ConfigDict]:
+    """(workdir, config) of a tiny run trained once per session; each test gets its own copy."""
+    import copy
+    import shutil
+
+    source, config = _trained_tiny_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    return workdir, copy.deepcopy(config)

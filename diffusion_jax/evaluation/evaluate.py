@@ -1,0 +1,379 @@
+"""`--mode=eval`: sample a trained run in resumable shards and score the samples.
+
+    evaluate(config, workdir) -> EvalResult
+
+1. Checks everything that can be missing before any compilation: the checkpoint, the feature
+   network's weights and the reference statistics (each a one-line error naming the fix).
+2. Generates `eval.num_samples` images from the EMA parameters with `config.sampling.*`,
+   sample i from fold_in(PRNGKey(sampling.seed), i) (so the set does not depend on batch size,
+   device or process count), written as `<workdir>/eval/<name>/shard_NNNNN.npz` of
+   `eval.shard_size` images each. Shards are written atomically; a pre-empted eval rerun with
+   the same command keeps the finished shards and generates only the rest. A manifest pins the
+   checkpoint step and sampling settings: shards from another step or settings are discarded.
+3. Scores them against reference statistics of a real split (`experiments.reference_stats`):
+   'fd' Frechet distance in the feature network's space (FID with 'inception'; "digits FD"
+   with the shipped digits classifier), 'is' Inception Score (10 splits) from its logits,
+   'precision_recall' (k-NN manifolds) against `eval.pr_num_samples` real images; plus
+   bits/dim on `eval.bpd_num_images` images of `data.eval_split` when > 0. When stats of the
+   eval split exist, 'fd_floor' is the FD of those real images: the best a model can score.
+4. Writes `<workdir>/eval/<name>.json` and adds `eval/<name>/<metric>` to `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from diffusion_jax import checkpointing, likelihood, parallel, sampling
+from diffusion_jax.data import pipeline
+from diffusion_jax.evaluation import metrics as metrics_lib
+from diffusion_jax.evaluation import reference
+from diffusion_jax.evaluation.eval_config import MissingEvalInputError, eval_name
+from diffusion_jax.evaluation.features import FeatureNetwork
+from diffusion_jax.metric_writer import MetricWriter
+from diffusion_jax.run import ModelSetup
+
+INCEPTION_WEIGHTS_HELP = (
+    "download pytorch-fid's pt_inception-2015-12-05-6726825d.pth from "
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth, convert it with `python -m "
+    "experiments.convert_inception_weights --input=pt_inception-2015-12-05-6726825d.pth "
+    "--output=inception_fid.npz` and pass --config.eval.inception_weights=inception_fid.npz"
+)
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """What one eval wrote to `<workdir>/eval/<name>.json`."""
+
+    name: str
+    step: int
+    metrics: dict[str, float]
+    path: str
+    seconds_per_1000_samples: float | None
+
+
+def reference_stats_path(config: ml_collections.ConfigDict, split: str | None = None) -> str:
+    """`eval.reference_stats`, else the tool's default path for the reference split."""
+    if config.eval.reference_stats and split is None:
+        return str(config.eval.reference_stats)
+    return reference.default_reference_path(
+        config.data, split or config.eval.reference_split, config.eval.feature_network
+    )
+
+
+def _reference_stats_command(config: ml_collections.ConfigDict) -> str:
+    e = config.eval
+    command = (
+        f"python -m experiments.reference_stats --dataset={config.data.name} "
+        f"--split={e.reference_split} --network={e.feature_network}"
+    )
+    if config.data.data_dir:
+        command += f" --data_dir={config.data.data_dir}"
+    if e.feature_network == "inception":
+        command += f" --inception_weights={e.inception_weights or 'inception_fid.npz'}"
+    return command
+
+
+def check_eval_inputs(config: ml_collections.ConfigDict) -> None:
+    """Raise `MissingEvalInputError` (one line, naming the fix) before anything is compiled."""
+    e = config.eval
+    if e.feature_network == "inception":
+        if not e.inception_weights:
+            raise MissingEvalInputError(
+                f"eval.feature_network='inception' needs its weights: {INCEPTION_WEIGHTS_HELP}"
+            )
+        if not os.path.exists(e.inception_weights):
+            raise MissingEvalInputError(
+                f"eval.inception_weights={e.inception_weights!r} does not exist; "
+                + INCEPTION_WEIGHTS_HELP
+            )
+    if any(m in e.metrics for m in ("fd",)):
+        path = reference_stats_path(config)
+        if not os.path.exists(path):
+            raise MissingEvalInputError(
+                f"no reference statistics at {path}; compute them with "
+                f"`{_reference_stats_command(config)}` (or set eval.reference_stats)"
+            )
+
+
+def make_feature_network(eval_config: ml_collections.ConfigDict) -> FeatureNetwork:
+    """The configured feature network, with its weights loaded."""
+    if eval_config.feature_network == "inception":
+        from diffusion_jax.evaluation.inception import InceptionFeatures
+
+        return InceptionFeatures(eval_config.inception_weights)
+    from diffusion_jax.evaluation.digits_net import DigitsFeatures
+
+    return DigitsFeatures()
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    allow_config_change: bool = False,
+    after_shard: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Sample and score the latest checkpoint of `workdir`; see the module docstring.
+
+    after_shard(k) is called after shard k is on disk (a hook for progress and tests).
+    Raises `ConfigError`, `checkpointing.NoCheckpointError`, `MissingEvalInputError` or
+    `pipeline.DatasetNotPreparedError` before compiling anything.
+    """
+    # Imported here: train_loop imports the library's sampling and checkpoint modules, and
+    # its saved-config check is shared by every mode that reads a run.
+    from diffusion_jax.config_validation import validate_config
+    from diffusion_jax.train_loop import check_saved_config, is_chief
+
+    validate_config(config, num_devices=jax.device_count())
+    checkpointing.require_checkpoint(workdir)
+    check_saved_config(config, workdir, allow_config_change)
+    check_eval_inputs(config)
+    setup = ModelSetup(config)
+    network = make_feature_network(config.eval)
+    state = setup.restore(workdir)
+    step = int(state.step)
+    name = eval_name(config)
+
+    started = time.perf_counter()
+    images, generated = _generate_shards(
+        config, setup, state.ema_params, workdir, name, step, after_shard, is_chief()
+    )
+    elapsed = time.perf_counter() - started
+    per_1000 = 1000.0 * elapsed / generated if generated else None
+    logging.info("Eval %s: %d samples ready (%d generated now)", name, len(images), generated)
+
+    scores = _score_samples(config, network, images)
+    if config.eval.bpd_num_images > 0:
+        scores["bits_per_dim"] = _bits_per_dim(config, setup, state.ema_params)
+    result_path = os.path.join(workdir, "eval", name + ".json")
+    if is_chief():
+        record = {
+            "name": name,
+            "step": step,
+            "metrics": scores,
+            "num_samples": len(images),
+            "feature_network": {"name": network.name, "fingerprint": network.fingerprint},
+            "reference_stats": reference_stats_path(config) if "fd" in config.eval.metrics else "",
+            "seconds_per_1000_samples": per_1000,
+            "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "sampling": config.sampling.to_dict(),
+            "eval": config.eval.to_dict(),
+        }
+        _atomic_write_json(result_path, record)
+        writer = MetricWriter(workdir)
+        writer.write(step, {f"eval/{name}/{k}": v for k, v in scores.items()})
+        writer.close()
+    return EvalResult(name, step, scores, result_path, per_1000)
+
+
+def _labels_fn(config: ml_collections.ConfigDict, setup: ModelSetup) -> Any:
+    if not config.model.class_conditional:
+        return None
+    return functools.partial(
+        sampling.sample_labels,
+        sampling_config=config.sampling,
+        num_classes=setup.info.num_classes or 1,
+    )
+
+
+def _generate_shards(
+    config: ml_collections.ConfigDict,
+    setup: ModelSetup,
+    params: Any,
+    workdir: str,
+    name: str,
+    step: int,
+    after_shard: Callable[[int], None] | None,
+    chief: bool,
+) -> tuple[np.ndarray, int]:
+    """All eval samples, uint8 (N, H, W, C), and how many were generated by this call."""
+    e = config.eval
+    shard_dir = os.path.join(workdir, "eval", name)
+    manifest = {
+        "step": step,
+        "num_samples": e.num_samples,
+        "shard_size": e.shard_size,
+        "sampling": config.sampling.to_dict(),
+        "class_conditional": bool(config.model.class_conditional),
+    }
+    _start_or_resume(shard_dir, manifest, chief)
+    sample_fn = None
+    shards, generated = [], 0
+    for k, first in enumerate(range(0, e.num_samples, e.shard_size)):
+        path = os.path.join(shard_dir, f"shard_{k:05d}.npz")
+        count = min(e.shard_size, e.num_samples - first)
+        if os.path.exists(path):
+            with np.load(path) as data:
+                shard = data["images"]
+            if len(shard) == count:
+                shards.append(shard)
+                continue
+        if sample_fn is None:  # compile only when something is left to generate
+            sample_fn = sampling.make_sample_fn(
+                setup.model,
+                setup.schedule,
+                config.sampling,
+                config.diffusion.prediction,
+                setup.image_shape,
+                min(e.batch_size, _round_up(e.num_samples, jax.device_count())),
+                setup.mesh,
+            )
+        batches = sampling.generate_batches(
+            sample_fn,
+            params,
+            seed=config.sampling.seed,
+            num_samples=count,
+            batch_size=min(e.batch_size, _round_up(e.num_samples, jax.device_count())),
+            labels_fn=_labels_fn(config, setup),
+            first_id=first,
+        )
+        shard = np.concatenate(list(batches))
+        generated += count
+        if chief:
+            _atomic_savez(path, shard)
+        shards.append(shard)
+        if after_shard is not None:
+            after_shard(k)
+    return np.concatenate(shards), generated
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _start_or_resume(shard_dir: str, manifest: dict[str, Any], chief: bool) -> None:
+    """Keep the shards of an interrupted eval with the same manifest; discard any others."""
+    path = os.path.join(shard_dir, "manifest.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous == json.loads(json.dumps(manifest)):
+            return
+        logging.warning(
+            "Discarding the samples in %s: they were made from step %s with other settings",
+            shard_dir,
+            previous.get("step"),
+        )
+    if chief:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        os.makedirs(shard_dir)
+        _atomic_write_json(path, manifest)
+
+
+def _score_samples(
+    config: ml_collections.ConfigDict, network: FeatureNetwork, images: np.ndarray
+) -> dict[str, float]:
+    e = config.eval
+    features, logits = network(images)
+    scores: dict[str, float] = {}
+    if "fd" in e.metrics:
+        ref = reference.load_reference_stats(reference_stats_path(config), expected_network=network)
+        stats = metrics_lib.StatsAccumulator(features.shape[1])
+        stats.update(features)
+        sample_stats = stats.result()
+        scores["fd"] = metrics_lib.frechet_distance(
+            sample_stats.mean, sample_stats.cov, ref.stats.mean, ref.stats.cov
+        )
+        floor_path = reference_stats_path(config, split=config.data.eval_split)
+        if config.data.eval_split != e.reference_split and os.path.exists(floor_path):
+            real = reference.load_reference_stats(floor_path, expected_network=network)
+            scores["fd_floor"] = metrics_lib.frechet_distance(
+                real.stats.mean, real.stats.cov, ref.stats.mean, ref.stats.cov
+            )
+    if "is" in e.metrics:
+        scores["is_mean"], scores["is_std"] = metrics_lib.inception_score(logits, splits=10)
+    if "precision_recall" in e.metrics:
+        real_images, _ = pipeline.eval_images(
+            config.data, e.reference_split, max_examples=e.pr_num_samples
+        )
+        real_features, _ = network(real_images)
+        scores["precision"], scores["recall"] = metrics_lib.precision_recall(
+            real_features, features[: e.pr_num_samples], k=e.pr_k
+        )
+    return {k: float(v) for k, v in scores.items()}
+
+
+def _bits_per_dim(config: ml_collections.ConfigDict, setup: ModelSetup, params: Any) -> float:
+    """Mean bits/dim of the first `eval.bpd_num_images` images of `data.eval_split`; image i's
+    noise comes from its index, so the result does not depend on eval.bpd_batch_size."""
+    e = config.eval
+    images, labels = pipeline.eval_images(
+        config.data, config.data.eval_split, max_examples=e.bpd_num_images
+    )
+    conditional = bool(config.model.class_conditional)
+    batch = parallel.batch_sharding(setup.mesh)
+
+    @functools.partial(
+        jax.jit,
+        in_shardings=(setup.replicated, setup.replicated, batch, batch, batch),
+        out_shardings=batch,
+    )
+    def bpd(params: Any, rng: jax.Array, x0: jax.Array, y: jax.Array, ids: jax.Array) -> jax.Array:
+        result = likelihood.bits_per_dim(
+            setup.model_fn(params),
+            setup.schedule,
+            x0,
+            rng,
+            prediction=config.diffusion.prediction,
+            variance=_likelihood_variance(config),
+            labels=y if conditional else None,
+            example_ids=ids,
+        )
+        return result["total"]
+
+    rng = parallel.host_to_global(
+        np.asarray(jax.random.PRNGKey(config.sampling.seed)), setup.replicated
+    )
+    totals = []
+    size = e.bpd_batch_size
+    for start in range(0, len(images), size):
+        chunk = images[start : start + size]
+        y = labels[start : start + size]
+        count = len(chunk)
+        if count < size:  # pad so nothing recompiles; padded rows are dropped below
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - count, axis=0)])
+            y = np.concatenate([y, np.repeat(y[-1:], size - count)])
+        x0 = chunk.astype(np.float32) / 127.5 - 1.0
+        out = bpd(
+            params,
+            rng,
+            parallel.host_to_global(x0, batch),
+            parallel.host_to_global(y.astype(np.int32), batch),
+            parallel.host_to_global(np.arange(start, start + size, dtype=np.int32), batch),
+        )
+        totals.append(parallel.to_host(out)[:count])
+    return float(np.mean(np.concatenate(totals)))
+
+
+def _likelihood_variance(config: ml_collections.ConfigDict) -> str:
+    """The reverse variance the bound is computed with: the model's own when it learns it."""
+    if config.model.learn_sigma:
+        return "learned_range"
+    return str(config.sampling.variance)
+
+
+def _atomic_savez(path: str, images: np.ndarray) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, images=images)
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path: str, record: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
