@@ -1,0 +1,327 @@
+"""Where the time goes in the CIFAR-10 U-Net on CPU: convolutions vs matmuls vs the rest.
+
+Usage: python benchmarks/profile_ops.py [--batch-size 8] [--mode forward|train]
+           [--torch-python=/tmp/bench_torch/bin/python] [--out=benchmarks/results]
+
+Takes every `conv_general_dilated` and `dot_general` of the traced program (the eval-mode
+forward, or the whole train step with its backward convolutions), groups identical ones, times
+each group's op alone in a jit (median of 5 after warm-up) and multiplies by its count. The sum
+against the whole program's time (measured in the same run) splits it into conv / matmul /
+everything else (GroupNorm, swish, adds, concatenations, the optimizer, ...); XLA's FLOPs per op
+give each group's GFLOP/s. With --torch-python the same forward convolutions (NCHW) are timed
+in PyTorch in a subprocess, alternating with the JAX timings, and torch's profiler splits the
+diffusers model's forward by op, so the two frameworks' convolution throughput can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+import common  # first: puts the repository on sys.path
+
+TORCH_SIDE = r"""
+import json, sys, time, statistics
+import torch
+import torch.nn.functional as F
+specs = json.loads(sys.stdin.read())
+out = []
+for s in specs:
+    n, h, w, c = s["lhs"]
+    kh, kw, ci, co = s["rhs"]
+    x = torch.randn(n, c, h, w)
+    k = torch.randn(co, ci, kh, kw)
+    (ph0, ph1), (pw0, pw1) = s["padding"]
+    def f():
+        xp = F.pad(x, (pw0, pw1, ph0, ph1)) if (ph0, pw0) != (ph1, pw1) else x
+        pad = 0 if (ph0, pw0) != (ph1, pw1) else (ph0, pw0)
+        with torch.inference_mode():
+            F.conv2d(xp, k, stride=tuple(s["strides"]), padding=pad)
+    for _ in range(2):
+        f()
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+    out.append(statistics.median(ts))
+print(json.dumps(out))
+"""
+
+TORCH_PROFILE = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch_peer
+batch = int(sys.argv[2])
+model = torch_peer.build_unet().eval()
+x = torch.randn(batch, 3, 32, 32)
+t = torch.full((batch,), 500)
+with torch.inference_mode():
+    for _ in range(2):
+        model(x, t)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            model(x, t)
+rows = {}
+for e in prof.key_averages():
+    rows[e.key] = e.self_cpu_time_total / 3 / 1e6
+total = sum(rows.values())
+top = sorted(rows.items(), key=lambda kv: -kv[1])[:8]
+print(json.dumps({"total_s": total, "top": top}))
+"""
+
+
+def _walk(jaxpr: Any) -> Any:
+    """Every equation of a jaxpr, recursing into sub-jaxprs (pjit, custom_vjp, remat, scan)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _walk(inner)
+
+
+def collect_ops(closed: Any) -> dict[tuple, dict[str, Any]]:
+    """Identical convs / dots grouped: key -> {'count', 'eqn'}."""
+    groups: dict[tuple, dict[str, Any]] = collections.OrderedDict()
+    for eqn in _walk(closed.jaxpr):
+        name = eqn.primitive.name
+        if name not in ("conv_general_dilated", "dot_general"):
+            continue
+        avals = tuple((tuple(v.aval.shape), str(v.aval.dtype)) for v in eqn.invars)
+        params = tuple(sorted((k, repr(v)) for k, v in eqn.params.items()))
+        key = (name, avals, params)
+        if key not in groups:
+            groups[key] = {"count": 0, "eqn": eqn}
+        groups[key]["count"] += 1
+    return groups
+
+
+def time_eqn(eqn: Any) -> tuple[float, float | None]:
+    """(median seconds, XLA FLOPs) of one equation run alone under jit."""
+    import jax
+    import jax.numpy as jnp
+
+    args = [
+        jax.random.normal(jax.random.key(i), v.aval.shape, v.aval.dtype)
+        if jnp.issubdtype(v.aval.dtype, jnp.floating)
+        else jnp.zeros(v.aval.shape, v.aval.dtype)
+        for i, v in enumerate(eqn.invars)
+    ]
+    fn = jax.jit(lambda *a: eqn.primitive.bind(*a, **eqn.params))
+    compiled = fn.lower(*args).compile()
+    times = common.timings(lambda: jax.block_until_ready(compiled(*args)), warmup=2, repeats=5)
+    return statistics.median(times), common.compiled_flops(compiled)
+
+
+def conv_spec(eqn: Any) -> dict[str, Any] | None:
+    """A forward NHWC/HWIO conv as a torch-timeable spec (None for backward-pass convs)."""
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    if (
+        any(d != 1 for d in p["lhs_dilation"])
+        or any(d != 1 for d in p["rhs_dilation"])
+        or dn.lhs_spec != (0, 3, 1, 2)
+        or dn.rhs_spec != (3, 2, 0, 1)
+        or p["feature_group_count"] != 1
+    ):
+        return None
+    return {
+        "lhs": list(eqn.invars[0].aval.shape),
+        "rhs": list(eqn.invars[1].aval.shape),
+        "strides": list(p["window_strides"]),
+        "padding": [list(x) for x in p["padding"]],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--mode", choices=("forward", "train"), default="forward")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--torch-python", default="")
+    parser.add_argument("--out", default=os.path.join(common.REPO, "benchmarks", "results"))
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import run as suite
+
+    from diffusion_jax import schedules, training
+
+    b = args.batch_size
+    config = suite.load_config("cifar10", args.dtype)
+    model = training.create_model(config.model, None)
+    shape = suite.image_shape(config)
+    params = suite.random_params(model, shape)
+    x = jax.random.normal(jax.random.key(1), (b, *shape), jnp.float32)
+    t = jnp.full((b,), 500, jnp.int32)
+    if args.mode == "forward":
+        fn = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
+        call_args: tuple = (params, x, t)
+    else:
+        schedule = schedules.get_schedule("linear", num_timesteps=1000)
+        optimizer = training.create_optimizer(config.training)
+        state = training.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            ema_params=params,
+            rng=jax.random.PRNGKey(0),
+            nonfinite_steps=jnp.zeros((), jnp.int32),
+            consecutive_nonfinite=jnp.zeros((), jnp.int32),
+        )
+        step = training.make_train_step(model, schedule, optimizer, config.diffusion, 0.9999)
+        fn = jax.jit(step)
+        call_args = (state, {"image": x, "label": jnp.zeros((b,), jnp.int32)})
+    groups = collect_ops(jax.make_jaxpr(fn)(*call_args))
+    compiled = fn.lower(*call_args).compile()
+    whole_flops = common.compiled_flops(compiled)
+
+    torch_specs = []
+    for g in groups.values():
+        g["spec"] = conv_spec(g["eqn"]) if g["eqn"].primitive.name.startswith("conv") else None
+        if g["spec"] is not None:
+            torch_specs.append(g["spec"])
+
+    def whole() -> float:
+        return statistics.median(
+            common.timings(lambda: jax.block_until_ready(compiled(*call_args)), warmup=1, repeats=3)
+        )
+
+    # Interleave: whole program, per-op JAX, torch convs, whole program again.
+    whole_before = whole()
+    for g in groups.values():
+        g["seconds"], g["flops"] = time_eqn(g["eqn"])
+    torch_times: list[float] = []
+    torch_profile: dict[str, Any] = {}
+    # Sleeping OpenMP threads: spinning ones collapse on a shared machine (see compare_torch.py).
+    torch_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    if args.torch_python and torch_specs:
+        torch_times = json.loads(
+            subprocess.run(
+                [args.torch_python, "-c", TORCH_SIDE],
+                input=json.dumps(torch_specs),
+                env=torch_env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        if args.mode == "forward":
+            here = os.path.dirname(os.path.abspath(__file__))
+            torch_profile = json.loads(
+                subprocess.run(
+                    [args.torch_python, "-c", TORCH_PROFILE, here, str(b)],
+                    env=torch_env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+    whole_after = whole()
+    whole_s = statistics.median([whole_before, whole_after])
+
+    spec_iter = iter(torch_times)
+    rows = []
+    totals = collections.Counter()
+    for (name, avals, _), g in groups.items():
+        kind = "conv" if name.startswith("conv") else "dot"
+        total = g["seconds"] * g["count"]
+        totals[kind] += total
+        row = {
+            "op": kind,
+            "shapes": [list(s) for s, _ in avals],
+            "count": g["count"],
+            "seconds_each": round(g["seconds"], 6),
+            "seconds_total": round(total, 5),
+            "gflops_per_s": round(g["flops"] / g["seconds"] / 1e9, 1) if g["flops"] else None,
+            "forward_conv": g["spec"] is not None,
+        }
+        if g["spec"] is not None and torch_times:
+            row["torch_seconds_each"] = round(next(spec_iter), 6)
+        rows.append(row)
+
+    env = common.environment()
+    stem = os.path.join(
+        args.out, f"{datetime.date.today().isoformat()}-profile_{args.mode}_b{b}_{args.dtype}"
+    )
+    os.makedirs(args.out, exist_ok=True)
+    summary = {
+        "benchmark": "profile_ops",
+        "mode": args.mode,
+        "dtype": args.dtype,
+        "batch_size": b,
+        "whole_s": round(whole_s, 4),
+        "whole_gflops_per_s": round(whole_flops / whole_s / 1e9, 1) if whole_flops else None,
+        "conv_s": round(totals["conv"], 4),
+        "dot_s": round(totals["dot"], 4),
+        "other_s": round(whole_s - totals["conv"] - totals["dot"], 4),
+        "conv_fraction": round(totals["conv"] / whole_s, 3),
+        "dot_fraction": round(totals["dot"] / whole_s, 3),
+        **env,
+    }
+    fwd = [r for r in rows if "torch_seconds_each" in r]
+    if fwd:
+        jax_fwd = sum(r["seconds_each"] * r["count"] for r in fwd)
+        torch_fwd = sum(r["torch_seconds_each"] * r["count"] for r in fwd)
+        summary["forward_convs_jax_s"] = round(jax_fwd, 4)
+        summary["forward_convs_torch_s"] = round(torch_fwd, 4)
+        summary["forward_convs_torch_over_jax"] = round(torch_fwd / jax_fwd, 3)
+    if torch_profile:
+        summary["torch_profile"] = torch_profile
+    if os.path.exists(stem + ".jsonl"):
+        os.remove(stem + ".jsonl")
+    common.write_jsonl(stem + ".jsonl", summary)
+    lines = [
+        f"# Per-op breakdown, CIFAR-10 U-Net {args.mode}, batch {b}, {args.dtype}",
+        "",
+        f"jax {env['jax']}, {env['device_kind']}; load average {env['load_avg_1m']}. Whole "
+        f"program {whole_s:.3f} s; convolutions {totals['conv']:.3f} s "
+        f"({100 * totals['conv'] / whole_s:.0f}%), dot_general {totals['dot']:.3f} s "
+        f"({100 * totals['dot'] / whole_s:.0f}%), rest "
+        f"{whole_s - totals['conv'] - totals['dot']:.3f} s (sum of ops timed alone; fusion "
+        "makes the rest approximate).",
+        "",
+        "| op | input shapes | count | s each | s total | GFLOP/s | torch s each | torch/JAX |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: -r["seconds_total"]):
+        common.write_jsonl(stem + ".jsonl", {"benchmark": "profile_op", **r})
+        ts = r.get("torch_seconds_each")
+        ratio = "-" if ts is None else f"{ts / r['seconds_each']:.2f}"
+        lines.append(
+            f"| {r['op']} | {' x '.join(str(tuple(s)) for s in r['shapes'])} | {r['count']} | "
+            f"{r['seconds_each']:.5f} | {r['seconds_total']:.4f} | {r['gflops_per_s']} | "
+            f"{'-' if ts is None else f'{ts:.5f}'} | "
+            f"{ratio} |"
+        )
+    if fwd:
+        lines += [
+            "",
+            f"Forward convolutions alone: JAX {summary['forward_convs_jax_s']:.3f} s, torch "
+            f"{summary['forward_convs_torch_s']:.3f} s (torch/JAX "
+            f"{summary['forward_convs_torch_over_jax']:.2f}; > 1: JAX faster).",
+        ]
+    if torch_profile:
+        top = ", ".join(f"{k} {v:.3f} s" for k, v in torch_profile["top"])
+        lines += [
+            "",
+            f"torch profiler, diffusers forward ({torch_profile['total_s']:.3f} s): {top}",
+        ]
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
