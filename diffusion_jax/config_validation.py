@@ -31,7 +31,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
 
     _check_ranges(config)
     _check_devices(config, num_devices)
-    validate_eval_config(config, num_devices)
+    validate_eval_config(config)
     validate_edit_config(config)
     # Cheap calls into the library's own validation: one source of truth for allowed values.
     _reraise(

@@ -388,7 +388,9 @@ def sample(
     path = os.path.join(workdir, "samples", sampling.sample_name(scfg) + ".npz")
     if is_chief():
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _atomic_savez(path, samples)
+        labels_fn = setup.labels_fn(config)
+        labels = None if labels_fn is None else labels_fn(np.arange(len(samples)))
+        _atomic_savez(path, samples, labels)
         images.save_grid(path[: -len(".npz")] + ".png", samples[: min(len(samples), 100)])
         with open(path[: -len(".npz")] + ".json", "w") as f:
             json.dump({"step": int(state.step), "sampling": scfg.to_dict()}, f, indent=2)
@@ -424,9 +426,13 @@ def _grid_batch_size(num_samples: int, mesh: jax.sharding.Mesh) -> int:
     return -(-num_samples // devices) * devices
 
 
-def _atomic_savez(path: str, samples: np.ndarray) -> None:
+def _atomic_savez(path: str, samples: np.ndarray, labels: np.ndarray | None = None) -> None:
+    """`images` uint8 (N, H, W, C), and for a class-conditional model `labels` int32 (N,)."""
     tmp = path + ".tmp.npz"
-    np.savez(tmp, images=samples)
+    if labels is None:
+        np.savez(tmp, images=samples)
+    else:
+        np.savez(tmp, images=samples, labels=labels)
     os.replace(tmp, path)
 
 

@@ -39,7 +39,11 @@ from diffusion_jax import checkpointing, likelihood, parallel, sampling
 from diffusion_jax.data import pipeline
 from diffusion_jax.evaluation import metrics as metrics_lib
 from diffusion_jax.evaluation import reference
-from diffusion_jax.evaluation.eval_config import MissingEvalInputError, eval_name
+from diffusion_jax.evaluation.eval_config import (
+    MissingEvalInputError,
+    check_eval_mode,
+    eval_name,
+)
 from diffusion_jax.evaluation.features import FeatureNetwork
 from diffusion_jax.metric_writer import MetricWriter
 from diffusion_jax.run import ModelSetup
@@ -138,6 +142,7 @@ def evaluate(
     from diffusion_jax.train_loop import check_saved_config, is_chief
 
     validate_config(config, num_devices=jax.device_count())
+    check_eval_mode(config, jax.device_count())
     checkpointing.require_checkpoint(workdir)
     check_saved_config(config, workdir, allow_config_change)
     check_eval_inputs(config)
