@@ -156,7 +156,10 @@ def test_interrupted_eval_resumes_at_the_next_shard_with_the_same_samples(
 
     # One uninterrupted eval with other shard and batch sizes draws the very same images.
     config.eval.shard_size, config.eval.batch_size, config.eval.name = 12, 8, "whole"
-    evaluate.evaluate(config, workdir)
+    first_run = evaluate.evaluate(config, workdir)
+    # Rescoring a finished eval keeps the sampling time measured when the shards were made.
+    rescored = evaluate.evaluate(config, workdir)
+    assert rescored.seconds_per_1000_samples == first_run.seconds_per_1000_samples is not None
     whole = np.load(os.path.join(workdir, "eval", "whole", "shard_00000.npz"))["images"]
     np.testing.assert_array_equal(resumed, whole)
 
@@ -167,7 +170,7 @@ def test_interrupted_eval_resumes_at_the_next_shard_with_the_same_samples(
     assert record["metrics"]["fd"] > 0
     assert 1.0 <= record["metrics"]["is_mean"] <= 10.0
     logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert logged[-2][f"eval/{result.name}/fd"] == pytest.approx(result.metrics["fd"])
+    assert logged[-3][f"eval/{result.name}/fd"] == pytest.approx(result.metrics["fd"])
 
 
 def test_shards_from_an_older_checkpoint_are_discarded(trained_tiny_run, tmp_path):

@@ -164,6 +164,8 @@ def evaluate(
     if config.eval.bpd_num_images > 0:
         scores["bits_per_dim"] = _bits_per_dim(config, setup, state.ema_params)
     result_path = os.path.join(workdir, "eval", name + ".json")
+    if per_1000 is None:  # every shard was on disk: keep the time measured when they were made
+        per_1000 = _previous_timing(result_path, step)
     if is_chief():
         record = {
             "name": name,
@@ -368,6 +370,18 @@ def _likelihood_variance(config: ml_collections.ConfigDict) -> str:
     if config.model.learn_sigma:
         return "learned_range"
     return str(config.sampling.variance)
+
+
+def _previous_timing(result_path: str, step: int) -> float | None:
+    try:
+        with open(result_path) as f:
+            previous = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if previous.get("step") != step:
+        return None
+    timing = previous.get("seconds_per_1000_samples")
+    return float(timing) if timing is not None else None
 
 
 def _atomic_savez(path: str, images: np.ndarray) -> None:
