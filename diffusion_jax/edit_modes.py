@@ -116,7 +116,7 @@ def _sampler_options(run: Any) -> dict[str, Any]:
     """`samplers.sample` options from the run's config.sampling (and the model's kind)."""
     from diffusion_jax import run as run_lib
 
-    return run_lib.sampler_kwargs(run.config, run.num_classes)
+    return run_lib.config_sampler_kwargs(run.config, run.num_classes)
 
 
 def _is_chief() -> bool:

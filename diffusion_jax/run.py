@@ -162,7 +162,7 @@ class Run:
         unset ones come from the run's `config.sampling`. Sample i uses fold_in(seed key, i),
         as in the sample and eval modes.
         """
-        kwargs = sampler_kwargs(self.config, self.num_classes)
+        kwargs = config_sampler_kwargs(self.config, self.num_classes)
         kwargs.update(sampler_kwargs)
         shape = (num_samples, *self.setup.image_shape)
         model_fn = self.model_fn()
@@ -178,7 +178,9 @@ class Run:
         return np.asarray(generate(jax.random.PRNGKey(seed), label_array))
 
 
-def sampler_kwargs(config: ml_collections.ConfigDict, num_classes: int | None) -> dict[str, Any]:
+def config_sampler_kwargs(
+    config: ml_collections.ConfigDict, num_classes: int | None
+) -> dict[str, Any]:
     """`samplers.sample` options from a config's `sampling` and `diffusion` sections."""
     s = config.sampling
     return {
