@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; params stay float32
     # Improved DDPM: also output the per-pixel variance interpolation (2x output channels).
     model.learn_sigma = False
+    # Rematerialise residual blocks in the backward pass: less memory, ~1/3 more compute.
+    model.remat = False
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "linear"

@@ -101,6 +101,8 @@ RESUME_LOCKED_KEYS = (
     "diffusion.num_timesteps",
     "diffusion.prediction",
 )
+# How the same parameters are computed, not what they are: free to change on resume.
+RESUME_FREE_KEYS = ("model.remat",)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -127,7 +129,8 @@ def locked_key_changes(
     # Keys in only one of the two (added to the configs since the run was saved) are not
     # changes: refusing them would lock every existing workdir out after a new key is added.
     for key in sorted(set(old) & set(new)):
-        if any(key == k or key.startswith(k + ".") for k in RESUME_LOCKED_KEYS):
+        locked = any(key == k or key.startswith(k + ".") for k in RESUME_LOCKED_KEYS)
+        if locked and key not in RESUME_FREE_KEYS:
             if old[key] != new[key]:
                 changes.append((key, old[key], new[key]))
     return changes

@@ -63,6 +63,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int | Non
         num_classes=num_classes if model_config.class_conditional else None,
         # .get: configs saved before the key existed describe fixed-variance models.
         learn_sigma=bool(model_config.get("learn_sigma", False)),
+        remat=bool(model_config.get("remat", False)),
         dtype=COMPUTE_DTYPES[model_config.dtype],
     )
 

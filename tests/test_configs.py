@@ -145,3 +145,10 @@ def test_keys_added_to_the_configs_since_a_run_was_saved_are_not_config_changes(
     assert locked_key_changes(saved, config) == []
     saved["model"]["ch"] = 64
     assert locked_key_changes(saved, config) == [("model.ch", 64, 32)]
+
+
+def test_turning_remat_on_or_off_is_not_a_config_change_on_resume():
+    config = digits.get_config()
+    saved = json.loads(config.to_json_best_effort())
+    config.model.remat = True  # same parameters, computed with rematerialisation
+    assert locked_key_changes(saved, config) == []

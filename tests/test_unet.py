@@ -254,3 +254,25 @@ def test_model_raises_clear_value_error_before_compute(
     y = None if labels is None else jnp.array(labels)
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros(1), y, train=False))
+
+
+def test_remat_gives_the_same_outputs_and_gradients_with_the_same_parameters() -> None:
+    kwargs = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
+    plain, remat = UNet(**kwargs), UNet(**kwargs, remat=True)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    t = jnp.array([3, 700])
+    params = plain.init(jax.random.key(1), x, t, train=False)["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(
+        remat.init(jax.random.key(1), x, t, train=False)["params"]
+    )
+
+    def loss(model, p):
+        out = model.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.key(2)})
+        return jnp.sum(out**2)
+
+    (l1, g1), (l2, g2) = (
+        jax.value_and_grad(lambda p, m=m: loss(m, p))(params) for m in (plain, remat)
+    )
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -199,7 +199,7 @@ class ResnetBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
         c = x.shape[-1]
         out_ch = self.out_ch or c
         conv = lambda k, name, scale=1.0: nn.Conv(
@@ -306,6 +306,9 @@ class UNet(nn.Module):
     num_classes: int | None = None
     out_channels: int | None = None
     learn_sigma: bool = False
+    # Recompute each residual block's activations in the backward pass instead of keeping them:
+    # less memory for big models and batches, about 1/3 more compute (same outputs, same params).
+    remat: bool = False
     dtype: Dtype = jnp.float32
     resamp_with_conv: bool = True
     num_groups: int = 32  # GroupNorm groups; 32 as in the reference
@@ -367,9 +370,12 @@ class UNet(nn.Module):
         num_levels = len(self.ch_mult)
         out_ch = (self.out_channels or x.shape[-1]) * (2 if self.learn_sigma else 1)
 
+        # static_argnums counts self as 0: `train` (a Python bool) stays static under remat.
+        block_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
+
         def resblock(h: jax.Array, out: int | None, name: str) -> jax.Array:
-            return ResnetBlock(out, self.dropout, num_groups=groups, dtype=dt, name=name)(
-                h, temb, train=train
+            return block_cls(out, self.dropout, num_groups=groups, dtype=dt, name=name)(
+                h, temb, train
             )
 
         def attn(h: jax.Array, name: str) -> jax.Array:
