@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion, samplers
-from diffusion_jax.guidance import classifier_free_guidance
+from diffusion_jax.guidance import conditioned_model
 from diffusion_jax.schedules import Schedule
 
 Array = jax.Array
@@ -214,33 +214,6 @@ def repaint_schedule(
     return np.asarray(steps, np.int64), np.asarray(jumps, np.int64)
 
 
-def _guided_net(
-    model_fn: Callable[..., Array],
-    labels: Array | None,
-    guidance_scale: Any,
-    num_classes: int | None,
-    batch: int,
-) -> Callable[[Array, Array], Array]:
-    """model_fn as net(x, t), with labels and classifier-free guidance as in `samplers.sample`."""
-    guided = not (_is_real(guidance_scale) and guidance_scale == 1.0)
-    if guided and labels is None:
-        raise ValueError("guidance_scale != 1 needs labels (B,) (classifier-free guidance)")
-    if guided and num_classes is None:
-        raise ValueError(
-            "guidance_scale != 1 needs num_classes: the unconditional branch uses the null "
-            "label num_classes"
-        )
-    if labels is not None and jnp.shape(labels) != (batch,):
-        raise ValueError(f"labels must have shape ({batch},); got {jnp.shape(labels)}")
-    if labels is None:
-        return lambda x, t: model_fn(x, t)
-    if not guided:
-        return lambda x, t: model_fn(x, t, labels)
-    assert num_classes is not None
-    cfg = classifier_free_guidance(model_fn, guidance_scale, num_classes)
-    return lambda x, t: cfg(x, t, labels)
-
-
 def _check_mask(mask: Any, shape: tuple[int, ...]) -> None:
     mask_shape = tuple(jnp.shape(mask))
     ok = len(mask_shape) == len(shape) and all(
@@ -314,7 +287,7 @@ def inpaint(
     )
     _check_mask(mask, shape)
     step, jump_from = repaint_schedule(num_steps, resample_steps, jump_length)
-    net = _guided_net(model_fn, labels, guidance_scale, num_classes, batch)
+    net = conditioned_model(model_fn, labels, guidance_scale, num_classes, batch)
     ids = _resolve_sample_ids(sample_ids, batch)
 
     # Per-move coefficients in float64 numpy; state N (the output) has ab = 1.

@@ -7,6 +7,7 @@ affine with weights summing to 1, so it means the same for 'eps', 'x0' and 'v' o
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -41,3 +42,43 @@ def classifier_free_guidance(
         return uncond + scale * (cond - uncond)
 
     return guided
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def conditioned_model(
+    model_fn: Callable[..., Array],
+    labels: Array | None,
+    guidance_scale: Any,
+    num_classes: int | None,
+    batch: int,
+) -> Callable[[Array, Array], Array]:
+    """`model_fn` as `net(x (B, ...), t (B,))` with the labels and guidance bound in.
+
+    No labels: model_fn(x, t). Scale 1: the conditional model_fn(x, t, labels); scale 0: the
+    unconditional one (null label `num_classes`); otherwise `classifier_free_guidance`.
+    Raises ValueError (before anything is traced) for guidance without labels or num_classes,
+    or labels whose shape is not (batch,).
+    """
+    guided = not (_is_real(guidance_scale) and guidance_scale == 1.0)
+    if guided and labels is None:
+        raise ValueError("guidance_scale != 1 needs labels (B,) (classifier-free guidance)")
+    if guided and num_classes is None:
+        raise ValueError(
+            "guidance_scale != 1 needs num_classes: the unconditional branch uses the null "
+            "label num_classes"
+        )
+    if labels is not None and jnp.shape(labels) != (batch,):
+        raise ValueError(f"labels must have shape ({batch},); got {jnp.shape(labels)}")
+    if labels is None:
+        return lambda x, t: model_fn(x, t)
+    if not guided:
+        return lambda x, t: model_fn(x, t, labels)
+    assert num_classes is not None
+    if _is_real(guidance_scale) and guidance_scale == 0.0:
+        null = jnp.full((batch,), num_classes, dtype=jnp.asarray(labels).dtype)
+        return lambda x, t: model_fn(x, t, null)
+    cfg = classifier_free_guidance(model_fn, guidance_scale, num_classes)
+    return lambda x, t: cfg(x, t, labels)

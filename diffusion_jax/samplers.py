@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
-from diffusion_jax.guidance import classifier_free_guidance
+from diffusion_jax.guidance import conditioned_model
 from diffusion_jax.schedules import Schedule
 
 Array = jax.Array
@@ -365,16 +365,7 @@ def sample(
     if not shape or not all(_is_int(d) and d >= 1 for d in shape):
         raise ValueError(f"shape must be a tuple of positive ints (B, ...); got {shape!r}")
     batch = shape[0]
-    guided = not (_is_real(guidance_scale) and guidance_scale == 1.0)
-    if guided and labels is None:
-        raise ValueError("guidance_scale != 1 needs labels (B,) (classifier-free guidance)")
-    if guided and num_classes is None:
-        raise ValueError(
-            "guidance_scale != 1 needs num_classes: the unconditional branch uses the null "
-            "label num_classes"
-        )
-    if labels is not None and jnp.shape(labels) != (batch,):
-        raise ValueError(f"labels must have shape ({batch},); got {jnp.shape(labels)}")
+    net = conditioned_model(model_fn, labels, guidance_scale, num_classes, batch)
     if sample_ids is None:
         sample_ids = jnp.arange(batch, dtype=jnp.int32)
     elif jnp.shape(sample_ids) != (batch,):
@@ -399,19 +390,6 @@ def sample(
     timesteps = get_timesteps(chain_length, num_steps, timestep_spacing)
     # float64 numpy for a schedule closed over; a jax array when the schedule itself is traced.
     ab = sch.alphas_cumprod[timesteps]
-
-    if labels is None:
-        net: Callable[[Array, Array], Array] = lambda x, t: model_fn(x, t)
-    elif not guided:
-        net = lambda x, t: model_fn(x, t, labels)
-    elif _is_real(guidance_scale) and guidance_scale == 0.0:
-        assert num_classes is not None
-        null = jnp.full((batch,), num_classes, dtype=jnp.asarray(labels).dtype)
-        net = lambda x, t: model_fn(x, t, null)
-    else:
-        assert num_classes is not None
-        cfg = classifier_free_guidance(model_fn, guidance_scale, num_classes)
-        net = lambda x, t: cfg(x, t, labels)
 
     out_shape = (*shape[:-1], 2 * shape[-1]) if learn_sigma else shape
 
