@@ -45,21 +45,21 @@ class JaxPeer:
         import numpy as np
         import run as suite
 
-        from diffusion_jax import parallel, samplers, schedules, training
+        from diffusion_jax import parallel, samplers, schedules, train_state
 
         self.batch, self.dtype, self.ddim_steps = batch_size, dtype, ddim_steps
         config = suite.load_config("cifar10", dtype)
         shape = suite.image_shape(config)
-        model = training.create_model(config.model, None)
+        model = train_state.create_model(config.model, None)
         schedule = schedules.get_schedule(
             config.diffusion.schedule, num_timesteps=config.diffusion.num_timesteps
         )
-        optimizer = training.create_optimizer(config.training)
+        optimizer = train_state.create_optimizer(config.training)
         mesh = parallel.create_mesh()
         replicated = parallel.replicated_sharding(mesh)
         t0 = time.perf_counter()
         self.state = jax.jit(
-            lambda rng: training.init_train_state(model, optimizer, rng, shape),
+            lambda rng: train_state.init_train_state(model, optimizer, rng, shape),
             out_shardings=replicated,
         )(jax.random.PRNGKey(0))
         rng = np.random.default_rng(0)
@@ -72,7 +72,7 @@ class JaxPeer:
         )
         self.train = (
             jax.jit(
-                training.make_train_step(
+                train_state.make_train_step(
                     model, schedule, optimizer, config.diffusion, config.training.ema_decay
                 ),
                 in_shardings=(replicated, parallel.batch_sharding(mesh)),

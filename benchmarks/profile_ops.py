@@ -154,11 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     import jax.numpy as jnp
     import run as suite
 
-    from diffusion_jax import schedules, training
+    from diffusion_jax import schedules, train_state
 
     b = args.batch_size
     config = suite.load_config("cifar10", args.dtype)
-    model = training.create_model(config.model, None)
+    model = train_state.create_model(config.model, None)
     shape = suite.image_shape(config)
     params = suite.random_params(model, shape)
     x = jax.random.normal(jax.random.key(1), (b, *shape), jnp.float32)
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         call_args: tuple = (params, x, t)
     else:
         schedule = schedules.get_schedule("linear", num_timesteps=1000)
-        optimizer = training.create_optimizer(config.training)
-        state = training.TrainState(
+        optimizer = train_state.create_optimizer(config.training)
+        state = train_state.TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=optimizer.init(params),
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             nonfinite_steps=jnp.zeros((), jnp.int32),
             consecutive_nonfinite=jnp.zeros((), jnp.int32),
         )
-        step = training.make_train_step(model, schedule, optimizer, config.diffusion, 0.9999)
+        step = train_state.make_train_step(model, schedule, optimizer, config.diffusion, 0.9999)
         fn = jax.jit(step)
         call_args = (state, {"image": x, "label": jnp.zeros((b,), jnp.int32)})
     groups = collect_ops(jax.make_jaxpr(fn)(*call_args))

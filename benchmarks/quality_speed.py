@@ -28,8 +28,9 @@ import common  # first: puts the repository on sys.path
 import jax
 import numpy as np
 
-from diffusion_jax import images, run, samplers
+from diffusion_jax import images, samplers
 from diffusion_jax.evaluation import digits_net, metrics, reference
+from diffusion_jax.runner import loading
 
 CANDIDATES = [  # (sampler, num_steps); the first is the quality bar
     ("ddim", 50),
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             (name.rsplit("-", 1)[0], int(name.rsplit("-", 1)[1]))
             for name in args.samplers.split(",")
         ]
-    loaded = run.load_run(args.workdir)
+    loaded = loading.load_run(args.workdir)
     config = loaded.config
     n = args.num_samples
     shape = (n, *loaded.setup.image_shape)

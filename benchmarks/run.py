@@ -9,7 +9,7 @@ a small subset (about 3 minutes on 2 idle CPU cores; several times that under lo
 the CIFAR train step's compile).
 
 Cases (random data and random parameters: speed does not depend on the values):
-  train    the real `training.make_train_step`, jitted as `train_loop` does (replicated state,
+  train    the real `train_state.make_train_step`, jitted as `train_loop` does (replicated state,
            batch sharded over the 'data' mesh, state donated); images/s and compile time.
   denoise  one jitted U-Net forward in eval mode = one step of DDIM / DPM-Solver++ (heun: two).
   sample   `samplers.sample` (the whole lax.scan) in one jit; wall time and denoising steps/s.
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax import parallel, samplers, schedules, training
+from diffusion_jax import parallel, samplers, schedules, train_state
 
 CONFIGS = {"digits": "configs/digits.py", "cifar10": "configs/cifar10_ddpm.py"}
 # Full suite; --quick takes the cases marked True.
@@ -126,21 +126,21 @@ def bench_train(
 ) -> dict[str, Any]:
     config = load_config(name, dtype)
     shape = image_shape(config)
-    model = training.create_model(config.model, None)
+    model = train_state.create_model(config.model, None)
     schedule = schedules.get_schedule(
         config.diffusion.schedule, num_timesteps=config.diffusion.num_timesteps
     )
-    optimizer = training.create_optimizer(config.training)
+    optimizer = train_state.create_optimizer(config.training)
     mesh = parallel.create_mesh()
     replicated = parallel.replicated_sharding(mesh)
     init = jax.jit(
-        lambda rng: training.init_train_state(model, optimizer, rng, shape),
+        lambda rng: train_state.init_train_state(model, optimizer, rng, shape),
         out_shardings=replicated,
     )
     holder = [init(jax.random.PRNGKey(0))]
     # As train_loop jits it: replicated state, sharded batch, the state donated.
     step_fn = jax.jit(
-        training.make_train_step(
+        train_state.make_train_step(
             model, schedule, optimizer, config.diffusion, config.training.ema_decay
         ),
         in_shardings=(replicated, parallel.batch_sharding(mesh)),
@@ -188,7 +188,7 @@ def bench_denoise(
 ) -> dict[str, Any]:
     config = load_config(name, dtype)
     shape = image_shape(config)
-    model = training.create_model(config.model, None)
+    model = train_state.create_model(config.model, None)
     params = random_params(model, shape)
     x = jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float32)
     t = jax.random.randint(jax.random.key(2), (batch,), 0, 1000, jnp.int32)
@@ -236,7 +236,7 @@ def bench_sample(
 ) -> dict[str, Any]:
     config = load_config(name, dtype)
     shape = (batch, *image_shape(config))
-    model = training.create_model(config.model, None)
+    model = train_state.create_model(config.model, None)
     schedule = schedules.get_schedule(
         config.diffusion.schedule, num_timesteps=config.diffusion.num_timesteps
     )

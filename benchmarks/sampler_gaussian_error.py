@@ -33,7 +33,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion_jax import diffusion, gaussian_oracle, samplers, schedules
+from diffusion_jax import diffusion, samplers, schedules
+from diffusion_jax.testing import gaussian_oracle
 
 MU, S = 0.3, 0.5
 # Row name -> (sampler, extra keyword arguments of samplers.sample).

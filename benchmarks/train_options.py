@@ -3,7 +3,7 @@
 Usage: python benchmarks/train_options.py [--config cifar10|digits] [--batch-size 8]
            [--variants base,no_donate,scan4,bf16,remat] [--rounds 3] [--out=benchmarks/results]
 
-Variants of the real `training.make_train_step`, each compiled once, then timed round-robin
+Variants of the real `train_state.make_train_step`, each compiled once, then timed round-robin
 (`--rounds` rounds of 2 calls after one warm-up) so outside load hits all alike:
   base       as train_loop: jit with the state donated (donate_argnums=0)
   no_donate  the same without donation (XLA must keep the old state alive and copy)
@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import run as suite
 
-from diffusion_jax import parallel, schedules, training
+from diffusion_jax import parallel, schedules, train_state
 from diffusion_jax.models import unet
 
 SCAN_K = 4
@@ -66,18 +66,18 @@ def build(variant: str, name: str, batch: int) -> dict[str, Any]:
     """Compiled step, its inputs and how many train steps one call makes."""
     config = suite.load_config(name, "bfloat16" if variant == "bf16" else "float32")
     shape = suite.image_shape(config)
-    model = training.create_model(config.model, None)
+    model = train_state.create_model(config.model, None)
     schedule = schedules.get_schedule(
         config.diffusion.schedule, num_timesteps=config.diffusion.num_timesteps
     )
-    optimizer = training.create_optimizer(config.training)
-    step = training.make_train_step(
+    optimizer = train_state.create_optimizer(config.training)
+    step = train_state.make_train_step(
         model, schedule, optimizer, config.diffusion, config.training.ema_decay
     )
     mesh = parallel.create_mesh()
     replicated = parallel.replicated_sharding(mesh)
     state = jax.jit(
-        lambda rng: training.init_train_state(model, optimizer, rng, shape),
+        lambda rng: train_state.init_train_state(model, optimizer, rng, shape),
         out_shardings=replicated,
     )(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)

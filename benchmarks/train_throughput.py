@@ -7,7 +7,7 @@ Each device count runs in its own subprocess (the CPU device count is fixed per 
 XLA_FLAGS=--xla_force_host_platform_device_count=N), alternating counts `--repeats` times. Prints
 one JSON line per run (compile time, median step time, images/s) and a final summary line with
 each count's median images/s relative to the first count. The step is the real jitted
-`training.make_train_step` with replicated state and a batch sharded over a 'data' mesh, fed
+`train_state.make_train_step` with replicated state and a batch sharded over a 'data' mesh, fed
 random images (no data pipeline), as in `train_loop.train`.
 
 On CPU the fake devices share the same cores, so this is a sanity figure for the sharded
@@ -37,7 +37,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from diffusion_jax import parallel, schedules, training
+    from diffusion_jax import parallel, schedules, train_state
 
     config = runpy.run_path(os.path.join(REPO, args.config))["get_config"]()
     batch_size = args.batch_size or config.training.batch_size
@@ -45,19 +45,19 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     num_classes = 10
     mesh = parallel.create_mesh()
     parallel.check_divisible_batch(batch_size, mesh)
-    model = training.create_model(config.model, num_classes)
+    model = train_state.create_model(config.model, num_classes)
     schedule = schedules.get_schedule(
         config.diffusion.schedule, num_timesteps=config.diffusion.num_timesteps
     )
-    optimizer = training.create_optimizer(config.training)
+    optimizer = train_state.create_optimizer(config.training)
     replicated = parallel.replicated_sharding(mesh)
     init = jax.jit(
-        lambda rng: training.init_train_state(model, optimizer, rng, image_shape),
+        lambda rng: train_state.init_train_state(model, optimizer, rng, image_shape),
         out_shardings=replicated,
     )
     state = init(jax.random.PRNGKey(0))
     step_fn = jax.jit(
-        training.make_train_step(
+        train_state.make_train_step(
             model, schedule, optimizer, config.diffusion, config.training.ema_decay
         ),
         in_shardings=(replicated, parallel.batch_sharding(mesh)),

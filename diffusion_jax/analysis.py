@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -30,9 +29,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import checkpointing, images, sweeps
-from diffusion_jax.run import Run
-from diffusion_jax.run import load_run as _load_run
+from diffusion_jax import images
+from diffusion_jax.runner import sweeps
+from diffusion_jax.runner import workdir as workdir_lib
+from diffusion_jax.runner.loading import Run
+from diffusion_jax.runner.loading import load_run as _load_run
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -49,7 +50,7 @@ def load_run(
 ) -> Run:
     """The run in `workdir` at checkpoint `step` (default: the latest readable one).
 
-    See `diffusion_jax.run.load_run`; `run.config`, `run.step`, `run.params` (EMA) and
+    See `diffusion_jax.runner.loading.load_run`; `run.config`, `run.step`, `run.params` (EMA) and
     `run.schedule` describe it.
     """
     with _without_read_only_notices():
@@ -77,7 +78,7 @@ def _without_read_only_notices() -> Iterator[None]:
 
 def list_checkpoints(workdir: str | os.PathLike[str]) -> list[int]:
     """Steps of the finished checkpoints in `workdir`, ascending (empty when none)."""
-    return checkpointing.finished_steps(os.fspath(workdir))
+    return workdir_lib.finished_steps(os.fspath(workdir))
 
 
 def read_metrics(
@@ -86,30 +87,16 @@ def read_metrics(
     """`<workdir>/metrics.jsonl` as columns: {"step": int64 (N,), key: float64 (N,), ...}.
 
     One entry per logged step, in order. `keys` picks columns (default: every key seen); a record
-    without a key gets NaN there. A line cut short by a kill is skipped.
+    without a key gets NaN there. Damaged lines (e.g. one cut short by a kill) are skipped.
     """
-    path = os.path.join(os.fspath(workdir), "metrics.jsonl")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist; pass the workdir of a training run")
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    if keys is None:
-        keys = [k for k in dict.fromkeys(k for r in records for k in r) if k != "step"]
-    columns = {"step": np.array([r.get("step", -1) for r in records], np.int64)}
-    for key in keys:
-        columns[key] = np.array([r.get(key, math.nan) for r in records], np.float64)
-    return columns
+    records = workdir_lib.read_metrics(os.fspath(workdir))
+    return workdir_lib.metric_columns(records, None if keys is None else list(keys))
 
 
 def load_eval_results(workdir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The eval mode's results in `<workdir>/eval/*.json`, sorted by name: each
     `{"name": str, "step": int, "metrics": {"fd": float, ...}, ...}` as written."""
-    return sweeps.read_eval_results(os.fspath(workdir))
+    return workdir_lib.read_eval_results(os.fspath(workdir))
 
 
 def sample(

@@ -26,20 +26,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import parallel
+from diffusion_jax.errors import CheckpointSaveError, CorruptCheckpointError, NoCheckpointError
 
 PyTree = Any
-
-
-class NoCheckpointError(FileNotFoundError):
-    """Raised when a mode that needs a trained model finds no checkpoint in the workdir."""
-
-
-class CheckpointSaveError(RuntimeError):
-    """A checkpoint could not be written; earlier checkpoints are intact."""
-
-
-class CorruptCheckpointError(RuntimeError):
-    """No checkpoint in the workdir could be read back."""
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -17,7 +17,6 @@ only on (rng, sample id, input, options), not on the batch it is computed in.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 from diffusion_jax import diffusion, samplers
 from diffusion_jax.guidance import conditioned_model
 from diffusion_jax.schedules import Schedule
+from diffusion_jax.values import is_int, is_real
 
 Array = jax.Array
 
@@ -36,14 +36,6 @@ MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center")
 
 # `samplers.sample` arguments that sdedit sets itself.
 _SDEDIT_OWNED = ("x_init", "start_timestep", "return_trajectory", "shape")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_images(x0: Any) -> tuple[int, ...]:
@@ -75,7 +67,7 @@ def _resolve_sample_ids(sample_ids: Array | None, batch: int) -> Array:
 
 def sdedit_timestep(num_timesteps: int, strength: float) -> int:
     """The timestep t_s = round(strength * (T - 1)) SDEdit noises the input to."""
-    if not _is_real(strength) or not 0.0 <= strength <= 1.0:
+    if not is_real(strength) or not 0.0 <= strength <= 1.0:
         raise ValueError(
             f"strength must be a number in [0, 1] (0 = input unchanged, 1 = start from "
             f"t = T-1); got {strength!r}"
@@ -162,7 +154,7 @@ def known_mask(name: str, height: int, width: int) -> np.ndarray:
     """
     if name not in MASKS:
         raise ValueError(f"unknown mask {name!r}; use one of {MASKS}")
-    if not (_is_int(height) and _is_int(width) and height >= 1 and width >= 1):
+    if not (is_int(height) and is_int(width) and height >= 1 and width >= 1):
         raise ValueError(f"height and width must be positive ints; got {height!r}, {width!r}")
     regen = np.zeros((height, width, 1), bool)
     h2, w2 = height // 2, width // 2
@@ -198,7 +190,7 @@ def repaint_schedule(
         ("resample_steps", resample_steps, 1),
         ("jump_length", jump_length, 1),
     ):
-        if not _is_int(value) or value < low:
+        if not is_int(value) or value < low:
             raise ValueError(f"{key} must be an integer >= {low}; got {value!r}")
     steps: list[int] = []
     jumps: list[int] = []

@@ -7,12 +7,13 @@ affine with weights summing to 1, so it means the same for 'eps', 'x0' and 'v' o
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from diffusion_jax.values import is_real
 
 Array = jax.Array
 
@@ -44,10 +45,6 @@ def classifier_free_guidance(
     return guided
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def conditioned_model(
     model_fn: Callable[..., Array],
     labels: Array | None,
@@ -62,7 +59,7 @@ def conditioned_model(
     Raises ValueError (before anything is traced) for guidance without labels or num_classes,
     or labels whose shape is not (batch,).
     """
-    guided = not (_is_real(guidance_scale) and guidance_scale == 1.0)
+    guided = not (is_real(guidance_scale) and guidance_scale == 1.0)
     if guided and labels is None:
         raise ValueError("guidance_scale != 1 needs labels (B,) (classifier-free guidance)")
     if guided and num_classes is None:
@@ -77,7 +74,7 @@ def conditioned_model(
     if not guided:
         return lambda x, t: model_fn(x, t, labels)
     assert num_classes is not None
-    if _is_real(guidance_scale) and guidance_scale == 0.0:
+    if is_real(guidance_scale) and guidance_scale == 0.0:
         null = jnp.full((batch,), num_classes, dtype=jnp.asarray(labels).dtype)
         return lambda x, t: model_fn(x, t, null)
     cfg = classifier_free_guidance(model_fn, guidance_scale, num_classes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 from PIL import Image
@@ -28,11 +29,16 @@ def make_grid(images: np.ndarray, *, ncols: int | None = None, padding: int = 1)
 
 
 def save_png(path: str, image: np.ndarray, *, scale: int = 1) -> None:
-    """Write uint8 (H, W, C) with C in {1, 3} as PNG, enlarged `scale` times (nearest)."""
+    """Write uint8 (H, W, C) with C in {1, 3} as PNG, enlarged `scale` times (nearest).
+
+    Atomic: written to a temporary file beside `path`, then renamed over it.
+    """
     if scale > 1:
         image = image.repeat(scale, axis=0).repeat(scale, axis=1)
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    pil.save(path)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    pil.save(tmp)
+    os.replace(tmp, path)
 
 
 def save_grid(path: str, images: np.ndarray, *, ncols: int | None = None) -> None:

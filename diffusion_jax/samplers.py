@@ -54,7 +54,7 @@ parameters as arguments:
 
 from __future__ import annotations
 
-import numbers
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -65,6 +65,7 @@ import numpy as np
 from diffusion_jax import diffusion
 from diffusion_jax.guidance import conditioned_model
 from diffusion_jax.schedules import Schedule
+from diffusion_jax.values import is_int, is_real
 
 Array = jax.Array
 
@@ -83,14 +84,6 @@ class Trajectory(NamedTuple):
     timesteps: Array
     x_t: Array
     x0_pred: Array
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def validate_sampler_args(
@@ -121,9 +114,9 @@ def validate_sampler_args(
             "variance='learned_range' needs a model that outputs its variance (learn_sigma=True, "
             "config model.learn_sigma=True); use 'fixed_small' or 'fixed_large' for this model"
         )
-    if not _is_int(num_timesteps) or num_timesteps < 1:
+    if not is_int(num_timesteps) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be an integer >= 1; got {num_timesteps!r}")
-    if not _is_int(num_steps) or not 1 <= num_steps <= num_timesteps:
+    if not is_int(num_steps) or not 1 <= num_steps <= num_timesteps:
         raise ValueError(
             f"num_steps must be an integer in [1, {num_timesteps}] (the schedule's T); "
             f"got {num_steps!r}"
@@ -133,9 +126,9 @@ def validate_sampler_args(
             f"sampler {sampler!r} integrates the ODE from t=T-1 to t=0 and needs num_steps >= 2 "
             f"(and a schedule with T >= 2); got num_steps={num_steps}"
         )
-    if not _is_real(eta) or not eta >= 0.0:
+    if not is_real(eta) or not eta >= 0.0:
         raise ValueError(f"eta must be a number >= 0 (0 = deterministic DDIM); got {eta!r}")
-    if _is_real(temperature) and not temperature >= 0.0:
+    if is_real(temperature) and not temperature >= 0.0:
         raise ValueError(f"temperature must be >= 0; got {temperature!r}")
 
 
@@ -362,7 +355,7 @@ def sample(
     if not isinstance(lower_order_final, (bool, np.bool_)):
         raise ValueError(f"lower_order_final must be a bool; got {lower_order_final!r}")
     shape = tuple(shape)
-    if not shape or not all(_is_int(d) and d >= 1 for d in shape):
+    if not shape or not all(is_int(d) and d >= 1 for d in shape):
         raise ValueError(f"shape must be a tuple of positive ints (B, ...); got {shape!r}")
     batch = shape[0]
     net = conditioned_model(model_fn, labels, guidance_scale, num_classes, batch)
@@ -374,7 +367,7 @@ def sample(
         raise ValueError(f"x_init must have shape {shape}; got {jnp.shape(x_init)}")
 
     if start_timestep is not None:
-        if not _is_int(start_timestep) or not 0 <= start_timestep < num_timesteps:
+        if not is_int(start_timestep) or not 0 <= start_timestep < num_timesteps:
             raise ValueError(
                 f"start_timestep must be an integer in [0, {num_timesteps - 1}]; "
                 f"got {start_timestep!r}"
@@ -520,3 +513,95 @@ def _as_jnp(*arrays: Any) -> tuple[Array, ...]:
     """Per-step coefficients (float64 numpy) as scan inputs of the default float dtype."""
     dtype = diffusion.float_dtype()
     return tuple(jnp.asarray(a, dtype=dtype) for a in arrays)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """Every sampler option in one value: built once (from a config, or by hand) and passed to
+    `sample`, the sample / eval / edit modes, analysis and benchmarks alike.
+
+    prediction and learn_sigma describe the model (the config's `diffusion.prediction` and
+    `model.learn_sigma`); num_classes is the class count of a class-conditional model (else
+    None). The rest are `config.sampling` keys; see `sample` for their meaning.
+    """
+
+    sampler: str = "ddim"
+    num_steps: int = 50
+    eta: float = 0.0
+    prediction: str = "eps"
+    clip_x0: bool = True
+    temperature: float = 1.0
+    timestep_spacing: str = "linspace"
+    variance: str = "fixed_small"
+    guidance_scale: float = 1.0
+    num_classes: int | None = None
+    learn_sigma: bool = False
+    lower_order_final: bool = True
+
+    @classmethod
+    def from_config(cls, config: Any, num_classes: int | None = None) -> SamplerSpec:
+        """From a run config's `sampling`, `diffusion.prediction` and `model.learn_sigma`
+        (any mapping with those sections, e.g. an ml_collections ConfigDict)."""
+        s = config.sampling
+        return cls(
+            sampler=s.sampler,
+            num_steps=s.num_steps,
+            eta=s.eta,
+            prediction=config.diffusion.prediction,
+            clip_x0=s.clip_x0,
+            temperature=s.temperature,
+            timestep_spacing=s.timestep_spacing,
+            variance=s.variance,
+            guidance_scale=s.guidance_scale,
+            num_classes=num_classes,
+            # A learned-variance model outputs 2C channels; the samplers must know to split them.
+            learn_sigma=bool(config.model.get("learn_sigma", False)),
+            lower_order_final=bool(s.get("lower_order_final", True)),
+        )
+
+    def replace(self, **changes: Any) -> SamplerSpec:
+        """A copy with `changes` (unknown names raise TypeError)."""
+        return dataclasses.replace(self, **changes)
+
+    def validate(self, sch: Schedule) -> None:
+        """Raise ValueError naming the fix for any bad option, including options that fail on
+        the schedule's values (a DDIM eta too large for its timesteps)."""
+        validate_sampler_args(
+            sampler=self.sampler,
+            num_steps=self.num_steps,
+            num_timesteps=sch.num_timesteps,
+            eta=self.eta,
+            prediction=self.prediction,
+            timestep_spacing=self.timestep_spacing,
+            variance=self.variance,
+            temperature=self.temperature,
+            learn_sigma=self.learn_sigma,
+        )
+        validate_on_schedule(
+            sch,
+            sampler=self.sampler,
+            num_steps=self.num_steps,
+            eta=self.eta,
+            timestep_spacing=self.timestep_spacing,
+        )
+
+    def kwargs(self) -> dict[str, Any]:
+        """The options as keyword arguments of `sample`."""
+        return dataclasses.asdict(self)
+
+    @property
+    def tag(self) -> str:
+        """Short file-name tag, e.g. 'ddim50' or 'dpm_solverpp20'."""
+        return f"{self.sampler.replace('+', 'p')}{self.num_steps}"
+
+    def sample(
+        self,
+        model_fn: Callable[..., Array],
+        sch: Schedule,
+        shape: tuple[int, ...],
+        rng: Array,
+        **inputs: Any,
+    ) -> Any:
+        """`sample(model_fn, sch, shape, rng, **self.kwargs(), **inputs)`; inputs are the
+        per-call arguments (labels, sample_ids, x_init, start_timestep, return_trajectory)."""
+        return sample(model_fn, sch, shape, rng, **self.kwargs(), **inputs)

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from diffusion_jax.digits_classifier import DigitsClassifier
+from diffusion_jax.evaluation.digits_net import DigitsClassifier
 
 _SAMPLES = flags.DEFINE_string("samples", None, "A samples .npz written by --mode=sample.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data_dir of the digits dataset.")

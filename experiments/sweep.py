@@ -20,7 +20,6 @@ the sweep then stops, and rerunning it continues.
 from __future__ import annotations
 
 import os
-import runpy
 import shlex
 import signal
 import subprocess
@@ -33,8 +32,10 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import sweeps
-from diffusion_jax.config_validation import ConfigError, validate_config
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.runner import cli, sweeps
+from diffusion_jax.runner import workdir as workdir_lib
+from diffusion_jax.runner.validation import validate_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _SWEEP = flags.DEFINE_string("sweep", None, "Python file whose get_sweep() returns the points.")
@@ -94,7 +95,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config: ml_collections.ConfigDict = _CONFIG.value
     config_flag = flags.FLAGS["config"]
-    config_arg = _config_argument(sys.argv[1:]) or config_flags.get_config_filename(config_flag)
+    config_arg = cli.config_argument(sys.argv[1:]) or config_flags.get_config_filename(config_flag)
     base = dict(config_flags.get_override_values(config_flag))
     sweep_dir = _WORKDIR.value
     assert sweep_dir is not None and _SWEEP.value is not None  # required flags
@@ -136,7 +137,7 @@ def main(argv: list[str]) -> None:
         if stop.requested:
             break
         target = point_config.training.num_train_steps
-        step = sweeps.latest_step(workdir)
+        step = workdir_lib.latest_step(workdir)
         prefix = f"[{i + 1}/{len(names)}] {name}:"
         if step >= target:
             print(f"{prefix} skipped, finished (checkpoint at step {step})", flush=True)
@@ -144,7 +145,7 @@ def main(argv: list[str]) -> None:
             start = f"resuming from step {step}" if step else "new run"
             print(f"{prefix} training to step {target} ({start})", flush=True)
             returncode = _run(_command(sys.executable, config_arg, workdir, point_overrides), stop)
-            step = sweeps.latest_step(workdir)
+            step = workdir_lib.latest_step(workdir)
             if returncode != 0:
                 failed[name] = f"training exited with status {returncode}"
             elif step < target:
@@ -183,39 +184,7 @@ def _write_results(
     return columns, rows
 
 
-def _config_argument(argv: Sequence[str]) -> str | None:
-    """The `--config` value as given (path plus any ':arg'), for the points' command lines."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
-def _unknown_override_keys(argv: Sequence[str]) -> str | None:
-    """An error line for the first `--config.a.b=` override naming no key of the config file
-    (ml_collections would fail with a traceback deep in flag parsing)."""
-    config_arg = _config_argument(argv)
-    if config_arg is None:
-        return None
-    path, _, arg = config_arg.partition(":")
-    try:
-        get_config = runpy.run_path(path)["get_config"]
-        config = get_config(arg) if arg else get_config()
-    except Exception:  # a broken config file: config_flags reports it with its traceback
-        return None
-    for flag in argv:
-        if flag.startswith("--config."):
-            key = flag[len("--config.") :].split("=", 1)[0]
-            try:
-                sweeps.check_key(config, key, where="--config overrides")
-            except sweeps.SweepError as error:
-                return f"error: {error}"
-    return None
-
-
 if __name__ == "__main__":
-    if error := _unknown_override_keys(sys.argv[1:]):
+    if error := cli.unknown_override_key(sys.argv[1:]):
         sys.exit(error)
     app.run(main)

@@ -82,11 +82,11 @@ def tiny_config(digits_data_dir: str) -> ml_collections.ConfigDict:
 def _trained_tiny_run(
     digits_data_dir: str, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, ml_collections.ConfigDict]:
-    from diffusion_jax import train_loop
+    from diffusion_jax.runner import train as train_mode
 
     config = make_tiny_config(digits_data_dir)
     workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
-    train_loop.train(config, workdir)
+    train_mode.train(config, workdir)
     return workdir, config
 
 

@@ -24,7 +24,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from diffusion_jax import parallel, train_loop  # noqa: E402
+from diffusion_jax import parallel  # noqa: E402
+from diffusion_jax.runner import sample as sample_mode  # noqa: E402
+from diffusion_jax.runner import train as train_mode  # noqa: E402
 from tests.conftest import make_tiny_config  # noqa: E402  (also turns on the compile cache)
 
 
@@ -65,14 +67,14 @@ def main() -> None:
         "process_count": jax.process_count(),
     }
     if args.train:
-        state = train_loop.train(config, args.workdir)
+        state = train_mode.train(config, args.workdir)
         params = flat_params(state.params)
         np.savez(os.path.join(args.out, f"params_{rank}.npz"), **params)  # type: ignore[arg-type]
         info["step"] = int(state.step)
     info["any_process_rank1"] = parallel.any_process(rank == 1)
     info["any_process_false"] = parallel.any_process(False)
     if args.sample:
-        path = train_loop.sample(config, args.workdir)
+        path = sample_mode.sample(config, args.workdir)
         # Every process holds all samples after the all-gather; the chief also wrote `path`.
         if rank == 0:
             with np.load(path) as f:

@@ -12,8 +12,10 @@ pytest.importorskip("matplotlib", reason="the 'notebook' extra is not installed"
 
 from matplotlib.figure import Figure
 
-from diffusion_jax import analysis, sweeps, train_loop
+from diffusion_jax import analysis
 from diffusion_jax.checkpointing import NoCheckpointError
+from diffusion_jax.runner import sweeps
+from diffusion_jax.runner import train as train_mode
 from tests.conftest import make_tiny_config
 
 
@@ -21,7 +23,7 @@ from tests.conftest import make_tiny_config
 def workdir(tmp_path_factory, digits_data_dir) -> str:
     """A tiny run trained for 6 steps (checkpoints 3 and 6, losses logged at 2, 4, 6)."""
     path = str(tmp_path_factory.mktemp("analysis") / "run")
-    train_loop.train(make_tiny_config(digits_data_dir), path)
+    train_mode.train(make_tiny_config(digits_data_dir), path)
     return path
 
 

@@ -9,14 +9,14 @@ import ml_collections
 import pytest
 
 from configs import cifar10_ddpm, digits
-from diffusion_jax import training
-from diffusion_jax.config_validation import (
+from diffusion_jax import train_state
+from diffusion_jax.models.unet import count_params
+from diffusion_jax.runner.validation import (
     ConfigError,
     locked_key_changes,
     validate_against_dataset,
     validate_config,
 )
-from diffusion_jax.models.unet import count_params
 
 CONFIG_MODULES = ["configs.default", "configs.digits", "configs.cifar10_ddpm"]
 CONTRACT_KEYS = [
@@ -47,7 +47,7 @@ def test_every_config_has_the_command_line_contract_keys_and_validates(module):
 
 def test_cifar10_config_builds_the_35_7m_parameter_ddpm_model():
     config = cifar10_ddpm.get_config()
-    model = training.create_model(config.model, num_classes=10)
+    model = train_state.create_model(config.model, num_classes=10)
     assert abs(count_params(model, (32, 32, 3)) - 35_746_307) <= 0.005 * 35_746_307
 
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.data import pipeline
-from diffusion_jax.digits_classifier import DigitsClassifier
-from diffusion_jax.evaluation.digits_net import DigitsFeatures
+from diffusion_jax.evaluation.digits_net import DigitsClassifier, DigitsFeatures
 
 
 @pytest.fixture(scope="module")

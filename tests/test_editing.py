@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import diffusion, edit_modes, editing, gaussian_oracle, samplers, schedules
-from diffusion_jax.config_validation import ConfigError
+from diffusion_jax import diffusion, editing, samplers, schedules
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.runner import edit as edit_mode
+from diffusion_jax.testing import gaussian_oracle
 
 MU, S = 0.3, 0.5
 SCH = schedules.get_schedule("linear", 100)
@@ -302,7 +304,7 @@ def test_sdedit_mode_writes_a_grid_and_the_edits(
 ) -> None:
     workdir, config = trained_tiny_run
     config = _edit_config(config, strength=(0.0, 0.6))
-    png, npz = edit_modes.sdedit_mode(config, workdir)
+    png, npz = edit_mode.sdedit_mode(config, workdir)
     assert os.path.dirname(png) == os.path.join(workdir, "edits")
     data = np.load(npz)
     assert data["outputs"].shape == (2, 3, 8, 8, 1) and data["outputs"].dtype == np.uint8
@@ -319,7 +321,7 @@ def test_inpaint_mode_keeps_the_digits_unmasked_pixels(
 ) -> None:
     workdir, config = trained_tiny_run
     config = _edit_config(config, mask="top_half")
-    png, npz = edit_modes.inpaint_mode(config, workdir)
+    png, npz = edit_mode.inpaint_mode(config, workdir)
     data = np.load(npz)
     keep = np.broadcast_to(data["keep_mask"], data["inputs"].shape)
     assert keep.shape == (3, 8, 8, 1) and not keep[:, :4].any() and keep[:, 4:].all()
@@ -346,7 +348,7 @@ def test_bad_edit_config_is_one_line_naming_the_key(edit: dict[str, Any], match:
 
     config = _edit_config(digits.get_config(), **edit)
     with pytest.raises(ConfigError, match=match) as info:
-        edit_modes.validate_edit_config(config)
+        edit_mode.validate_edit_config(config)
     assert "\n" not in str(info.value)
 
 
@@ -355,6 +357,6 @@ def test_edit_modes_reject_a_bad_config_before_loading(tmp_path: Any) -> None:
 
     config = _edit_config(digits.get_config(), mask="diagonal")
     with pytest.raises(ConfigError, match=r"edit\.mask"):
-        edit_modes.run_mode("inpaint", config, str(tmp_path / "nothing_here"))
+        edit_mode.run_mode("inpaint", config, str(tmp_path / "nothing_here"))
     with pytest.raises(ValueError, match="unknown edit mode 'paint'"):
-        edit_modes.run_mode("paint", config, str(tmp_path))
+        edit_mode.run_mode("paint", config, str(tmp_path))

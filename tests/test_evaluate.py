@@ -10,14 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from diffusion_jax.config_validation import ConfigError, validate_config
-from diffusion_jax.evaluation import evaluate, reference
+from diffusion_jax.errors import ConfigError, MissingEvalInputError
+from diffusion_jax.evaluation import reference
 from diffusion_jax.evaluation.digits_net import DigitsFeatures
-from diffusion_jax.evaluation.eval_config import (
-    MissingEvalInputError,
-    check_eval_mode,
-    eval_name,
-)
+from diffusion_jax.runner import evaluate
+from diffusion_jax.runner.evaluate import check_eval, eval_name
+from diffusion_jax.runner.validation import validate_config
 from tests.conftest import COMPILATION_CACHE_ENV, TINY_OVERRIDES, make_tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +80,7 @@ def test_bad_eval_values_are_refused_naming_the_key(digits_data_dir, key, value,
     config.eval.metrics = ("fd", "precision_recall")
     config.eval[key] = value
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        validate_config(config, num_devices=1)
+        check_eval(config, 1)
 
 
 def test_eval_batches_must_divide_over_the_devices_in_eval_mode_only(digits_data_dir):
@@ -90,7 +88,7 @@ def test_eval_batches_must_divide_over_the_devices_in_eval_mode_only(digits_data
     config.eval.batch_size, config.sampling.batch_size = 500, 8
     validate_config(config, num_devices=8)  # training on 8 devices does not use eval batches
     with pytest.raises(ConfigError, match=r"eval\.batch_size=500 does not divide over 8 devices"):
-        check_eval_mode(config, 8)
+        check_eval(config, 8)
 
 
 def test_digits_feature_network_is_refused_for_other_datasets_in_eval_mode(digits_data_dir):
@@ -98,7 +96,7 @@ def test_digits_feature_network_is_refused_for_other_datasets_in_eval_mode(digit
     config.data.name = "cifar10"
     validate_config(config, num_devices=1)  # training cifar10 with the digits config is fine
     with pytest.raises(ConfigError, match="use 'inception'"):
-        check_eval_mode(config, 1)
+        check_eval(config, 1)
 
 
 def test_missing_reference_stats_name_the_command_that_makes_them(trained_tiny_run, tmp_path):

@@ -71,7 +71,7 @@ def _two_class_mixture_model(sch, mu: tuple[float, float], s: float):
     """Exact eps model for x0 ~ N(mu[y], s^2) per pixel, y in {0, 1} equally likely; the null
     label 2 gives the optimal unconditional (mixture) denoiser."""
     from diffusion_jax import diffusion
-    from diffusion_jax.gaussian_oracle import optimal_model
+    from diffusion_jax.testing.gaussian_oracle import optimal_model
 
     conditional = [optimal_model(sch, m, s, "eps") for m in mu]
 

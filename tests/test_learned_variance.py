@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion, run, samplers, schedules, train_loop
-from diffusion_jax.config_validation import ConfigError, validate_config
+from diffusion_jax import diffusion, samplers, schedules
 from diffusion_jax.models.unet import UNet
+from diffusion_jax.runner import loading
+from diffusion_jax.runner import train as train_mode
+from diffusion_jax.runner.validation import ConfigError, validate_config
 
 SCH = schedules.get_schedule("cosine", 100)
 
@@ -216,12 +218,12 @@ def test_learn_sigma_model_trains_on_digits_and_samples_with_ddpm_and_ddim(
     tiny_config.training.num_train_steps = 4
     tiny_config.training.checkpoint_every = 4
     workdir = str(tmp_path / "run")
-    state = train_loop.train(tiny_config, workdir)
+    state = train_mode.train(tiny_config, workdir)
     assert int(state.step) == 4 and int(state.nonfinite_steps) == 0
     with open(f"{workdir}/metrics.jsonl") as f:
         losses = [json.loads(line)["loss"] for line in f]
     assert len(losses) == 2 and np.all(np.isfinite(losses))
-    loaded = run.load_run(workdir)
+    loaded = loading.load_run(workdir)
     assert loaded.setup.model.learn_sigma
     ddpm = loaded.sample(4, sampler="ddpm", num_steps=10, variance="learned_range")
     ddim = loaded.sample(4, sampler="ddim", num_steps=10)

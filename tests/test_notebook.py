@@ -11,7 +11,8 @@ nbformat = pytest.importorskip("nbformat", reason="the 'notebook' extra is not i
 pytest.importorskip("ipykernel", reason="the 'notebook' extra is not installed")
 pytest.importorskip("matplotlib", reason="the 'notebook' extra is not installed")
 
-from diffusion_jax import sweeps, train_loop  # noqa: E402
+from diffusion_jax.runner import sweeps  # noqa: E402
+from diffusion_jax.runner import train as train_mode  # noqa: E402
 from tests.conftest import COMPILATION_CACHE_ENV, make_tiny_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,7 @@ def test_digits_notebook_runs_without_errors_and_shows_images(
     digits_data_dir, tmp_path, monkeypatch
 ):
     workdir = tmp_path / "run"
-    train_loop.train(make_tiny_config(digits_data_dir), str(workdir))
+    train_mode.train(make_tiny_config(digits_data_dir), str(workdir))
     # A sweep directory whose two points are the same run, for the comparison cells.
     sweep_dir = tmp_path / "sweep"
     sweep_dir.mkdir()

@@ -19,9 +19,11 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import parallel, train_loop
-from diffusion_jax.config_validation import ConfigError, validate_config
-from diffusion_jax.metric_writer import read_metrics
+from diffusion_jax import parallel
+from diffusion_jax.runner import sample as sample_mode
+from diffusion_jax.runner import train as train_mode
+from diffusion_jax.runner.validation import ConfigError, validate_config
+from diffusion_jax.runner.workdir import read_metrics
 from tests.conftest import COMPILATION_CACHE_ENV, make_tiny_config
 from tests.distributed_worker import flat_params
 
@@ -81,8 +83,8 @@ def one_device_run(digits_data_dir: str, tmp_path_factory: pytest.TempPathFactor
     """The tiny config trained on this process's single device; its samples (batch 4)."""
     workdir = tmp_path_factory.mktemp("one_device") / "run"
     config = make_tiny_config(digits_data_dir)
-    state = train_loop.train(config, str(workdir))
-    samples = _samples(train_loop.sample(config, str(workdir)))
+    state = train_mode.train(config, str(workdir))
+    samples = _samples(sample_mode.sample(config, str(workdir)))
     return workdir, flat_params(state.params), samples
 
 
@@ -116,7 +118,7 @@ def test_samples_of_a_fixed_seed_are_identical_on_eight_devices_and_one(
     # The 8-device run's checkpoint, restored and sampled here on 1 device with batch 4.
     workdir = tmp_path / "run"
     shutil.copytree(eight_device_run[0], workdir)
-    one_device = _samples(train_loop.sample(tiny_config, str(workdir)))
+    one_device = _samples(sample_mode.sample(tiny_config, str(workdir)))
     assert one_device.shape == (6, 8, 8, 1) and one_device.dtype == np.uint8
     np.testing.assert_array_equal(one_device, eight_device_run[2])
 
@@ -128,7 +130,7 @@ def test_checkpoint_saved_on_eight_devices_resumes_on_one_like_the_one_device_ru
     resumed = {}
     for name, run in (("one", one_device_run), ("eight", eight_device_run)):
         shutil.copytree(run[0], tmp_path / name)
-        state = train_loop.train(tiny_config, str(tmp_path / name))
+        state = train_mode.train(tiny_config, str(tmp_path / name))
         assert int(state.step) == 8
         resumed[name] = flat_params(state.params)
     _assert_params_close(resumed["eight"], resumed["one"])

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 import jax
 import numpy as np
 
-from diffusion_jax import parallel, sampling, schedules, training
+from diffusion_jax import parallel, schedules, train_state
+from diffusion_jax.runner import generate
 from tests.conftest import make_tiny_config
 
 
@@ -47,9 +48,9 @@ def compile_log() -> Iterator[list[str]]:
 def _setup() -> tuple:
     # data_dir is unused: batches are random numpy arrays, as the data iterator yields them.
     config = make_tiny_config(data_dir="")
-    model = training.create_model(config.model, None)
+    model = train_state.create_model(config.model, None)
     schedule = schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    optimizer = training.create_optimizer(config.training)
+    optimizer = train_state.create_optimizer(config.training)
     mesh = parallel.create_mesh()
     return config, model, schedule, optimizer, mesh
 
@@ -58,12 +59,12 @@ def test_train_step_compiles_once_across_steps_with_new_batches() -> None:
     config, model, schedule, optimizer, mesh = _setup()
     replicated = parallel.replicated_sharding(mesh)
     init = jax.jit(
-        lambda rng: training.init_train_state(model, optimizer, rng, (8, 8, 1)),
+        lambda rng: train_state.init_train_state(model, optimizer, rng, (8, 8, 1)),
         out_shardings=replicated,
     )
     # Exactly as train_loop jits it.
     train_step = jax.jit(
-        training.make_train_step(
+        train_state.make_train_step(
             model, schedule, optimizer, config.diffusion, config.training.ema_decay
         ),
         in_shardings=(replicated, parallel.batch_sharding(mesh)),
@@ -95,12 +96,12 @@ def test_train_step_compiles_once_across_steps_with_new_batches() -> None:
 
 def test_sampler_compiles_once_for_new_seeds_ids_and_params() -> None:
     config, model, schedule, optimizer, mesh = _setup()
-    params = jax.jit(lambda rng: training.init_train_state(model, optimizer, rng, (8, 8, 1)))(
+    params = jax.jit(lambda rng: train_state.init_train_state(model, optimizer, rng, (8, 8, 1)))(
         jax.random.PRNGKey(0)
     ).ema_params
     params = jax.device_put(params, parallel.replicated_sharding(mesh))
     batch_size = 4
-    sample_fn = sampling.make_sample_fn(
+    sample_fn = generate.make_sample_fn(
         model,
         schedule,
         config.sampling,
@@ -112,14 +113,14 @@ def test_sampler_compiles_once_for_new_seeds_ids_and_params() -> None:
     new_params = jax.tree.map(lambda p: p * 1.01, params)
     with compile_log() as compiled:
         first_images = list(
-            sampling.generate_batches(
+            generate.generate_batches(
                 sample_fn, params, seed=0, num_samples=6, batch_size=batch_size
             )
         )
         first = list(compiled)
         # New seed, new sample ids (a padded last batch included) and new parameter values.
         second_images = list(
-            sampling.generate_batches(
+            generate.generate_batches(
                 sample_fn, new_params, seed=1, num_samples=7, batch_size=batch_size, first_id=3
             )
         )

@@ -19,9 +19,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from diffusion_jax import checkpointing, train_loop
-from diffusion_jax.config_validation import ConfigError
-from diffusion_jax.metric_writer import read_metrics
+from diffusion_jax import checkpointing, train_state
+from diffusion_jax.errors import ConfigError, NonFiniteError
+from diffusion_jax.runner import sample as sample_mode
+from diffusion_jax.runner import train as train_mode
+from diffusion_jax.runner.workdir import read_metrics
 from tests.conftest import COMPILATION_CACHE_ENV, TINY_OVERRIDES, make_tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,8 +146,8 @@ def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tiny_con
     tiny_config.training.log_every = 1
     tiny_config.training.debug_nan_steps = (3, 5, 6)
     tiny_config.training.max_consecutive_nonfinite = 2
-    with pytest.raises(train_loop.NonFiniteError, match="2 consecutive steps up to step 6") as e:
-        train_loop.train(tiny_config, workdir)
+    with pytest.raises(NonFiniteError, match="2 consecutive steps up to step 6") as e:
+        train_mode.train(tiny_config, workdir)
     assert "checkpoint 3 (finite) is the latest" in str(e.value)
 
     records = {int(r["step"]): r for r in read_metrics(workdir)}
@@ -160,7 +162,7 @@ def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tiny_con
 def trained_workdir(digits_data_dir, tmp_path_factory) -> str:
     """A finished 6-step tiny run with checkpoints 3 and 6; copy it before changing it."""
     workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    train_loop.train(make_tiny_config(digits_data_dir), workdir)
+    train_mode.train(make_tiny_config(digits_data_dir), workdir)
     return workdir
 
 
@@ -177,7 +179,7 @@ def test_resume_with_a_changed_model_shape_is_refused_naming_keys_and_flag(
     tiny_config.model.ch = 64
     tiny_config.diffusion.num_timesteps = 50
     with pytest.raises(ConfigError) as raised:
-        train_loop.train(tiny_config, workdir_copy)
+        train_mode.train(tiny_config, workdir_copy)
     message = str(raised.value)
     assert "model.ch: 32 -> 64" in message and "diffusion.num_timesteps: 100 -> 50" in message
     assert "--allow_config_change" in message and "\n" not in message
@@ -185,7 +187,7 @@ def test_resume_with_a_changed_model_shape_is_refused_naming_keys_and_flag(
 
 def test_allow_config_change_resumes_and_records_the_new_config(tiny_config, workdir_copy):
     tiny_config.diffusion.prediction = "v"  # locked, but the state's shapes are unchanged
-    state = train_loop.train(tiny_config, workdir_copy, allow_config_change=True)
+    state = train_mode.train(tiny_config, workdir_copy, allow_config_change=True)
     assert int(state.step) == 6
     with open(os.path.join(workdir_copy, "config.json")) as f:
         assert json.load(f)["diffusion"]["prediction"] == "v"
@@ -198,9 +200,9 @@ def test_unwritable_workdir_is_refused_before_compilation(tiny_config, tmp_path,
     def must_not_build(*args, **kwargs):
         raise AssertionError("the model was built before the workdir was checked")
 
-    monkeypatch.setattr(train_loop.training, "create_model", must_not_build)
+    monkeypatch.setattr(train_state, "create_model", must_not_build)
     with pytest.raises(ConfigError, match="is not writable"):
-        train_loop.train(tiny_config, str(blocker / "run"))
+        train_mode.train(tiny_config, str(blocker / "run"))
 
 
 def _corrupt_largest_state_file(workdir: str, step: int, how: str) -> None:
@@ -222,7 +224,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_with_a_warning(
 ):
     _corrupt_largest_state_file(workdir_copy, 6, how)
     with caplog.at_level(logging.WARNING):
-        state = train_loop.train(tiny_config, workdir_copy)
+        state = train_mode.train(tiny_config, workdir_copy)
 
     assert any(
         "Checkpoint 6" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records
@@ -243,7 +245,7 @@ def test_sample_mode_skips_a_corrupt_latest_checkpoint_and_leaves_it_in_place(
 ):
     _corrupt_largest_state_file(workdir_copy, 6, "truncated")
     with caplog.at_level(logging.WARNING):
-        path = train_loop.sample(tiny_config, workdir_copy)
+        path = sample_mode.sample(tiny_config, workdir_copy)
 
     assert any("left it in place" in r.getMessage() for r in caplog.records)
     assert checkpointing.finished_steps(workdir_copy) == [3, 6]
@@ -260,7 +262,7 @@ def test_failed_save_raises_a_clear_error_and_keeps_the_previous_checkpoint(
     monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", disk_full)
     tiny_config.training.num_train_steps = 9
     with pytest.raises(checkpointing.CheckpointSaveError) as raised:
-        train_loop.train(tiny_config, workdir_copy)
+        train_mode.train(tiny_config, workdir_copy)
     message = str(raised.value)
     assert "saving checkpoint 9" in message and "No space left on device" in message
     assert "checkpoint 6 is intact" in message

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion, gaussian_oracle, samplers, schedules
+from diffusion_jax import diffusion, samplers, schedules
+from diffusion_jax.testing import gaussian_oracle
 
 MU, S = 0.3, 0.5
 SCH = schedules.get_schedule("linear", 1000)

@@ -15,8 +15,8 @@ import textwrap
 import pytest
 
 from configs import digits
-from diffusion_jax import sweeps
-from diffusion_jax.sweeps import SweepError, chain, product, sweep, zip_
+from diffusion_jax.runner import sweeps
+from diffusion_jax.runner.sweeps import SweepError, chain, product, sweep, zip_
 from tests.conftest import COMPILATION_CACHE_ENV, TINY_OVERRIDES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,7 +169,8 @@ def test_metrics_selection_takes_names_from_training_and_eval(tmp_path):
 # --- The sweep runner -------------------------------------------------------------------------
 
 _TWO_POINTS = """
-from diffusion_jax.sweeps import sweep
+from diffusion_jax.runner.sweeps import sweep
+from diffusion_jax.runner import sweeps
 
 def get_sweep():
     return sweep("diffusion.prediction", ["eps", "v"])
@@ -268,7 +269,7 @@ def test_a_failing_point_is_reported_the_sweep_goes_on_and_exits_nonzero(tmp_pat
     sweep_file = _write_sweep(
         tmp_path,
         """
-        from diffusion_jax.sweeps import sweep
+        from diffusion_jax.runner.sweeps import sweep
 
         def get_sweep():
             return sweep("seed", [0, 1])
@@ -336,7 +337,7 @@ def test_print_commands_prints_one_quoted_line_per_point_and_runs_nothing(tmp_pa
 def test_bad_sweep_exits_with_one_line_error_before_running(
     tmp_path, sweep_body, overrides, message
 ):
-    header = "from diffusion_jax.sweeps import product, sweep, zip_\n"
+    header = "from diffusion_jax.runner.sweeps import product, sweep, zip_\n"
     sweep_file = _write_sweep(tmp_path, header + sweep_body)
     result = _run_sweep(sweep_file, tmp_path / "runs", *overrides)
 

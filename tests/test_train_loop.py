@@ -11,10 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import train_loop
 from diffusion_jax.checkpointing import NoCheckpointError
-from diffusion_jax.config_validation import ConfigError
-from diffusion_jax.metric_writer import read_metrics
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.runner import sample as sample_mode
+from diffusion_jax.runner import train as train_mode
+from diffusion_jax.runner.workdir import read_metrics
 from tests.conftest import COMPILATION_CACHE_ENV, TINY_OVERRIDES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,7 @@ def _leaves(tree):
 
 def test_train_writes_checkpoints_metrics_config_and_sample_grid(tiny_config, tmp_path):
     workdir = str(tmp_path / "run")
-    state = train_loop.train(tiny_config, workdir)
+    state = train_mode.train(tiny_config, workdir)
 
     assert int(state.step) == 6
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
@@ -40,13 +41,13 @@ def test_train_writes_checkpoints_metrics_config_and_sample_grid(tiny_config, tm
 
 
 def test_rerun_resumes_from_latest_checkpoint_and_matches_uninterrupted_run(tiny_config, tmp_path):
-    straight = train_loop.train(tiny_config, str(tmp_path / "straight"))
+    straight = train_mode.train(tiny_config, str(tmp_path / "straight"))
 
     resumed_dir = str(tmp_path / "resumed")
     tiny_config.training.num_train_steps = 3
-    train_loop.train(tiny_config, resumed_dir)
+    train_mode.train(tiny_config, resumed_dir)
     tiny_config.training.num_train_steps = 6
-    resumed = train_loop.train(tiny_config, resumed_dir)
+    resumed = train_mode.train(tiny_config, resumed_dir)
 
     assert int(resumed.step) == 6
     for a, b in zip(_leaves(straight), _leaves(resumed), strict=True):
@@ -55,13 +56,13 @@ def test_rerun_resumes_from_latest_checkpoint_and_matches_uninterrupted_run(tiny
 
 def test_sample_writes_uint8_npz_that_ignores_sampling_batch_size(tiny_config, tmp_path):
     workdir = str(tmp_path / "run")
-    train_loop.train(tiny_config, workdir)
+    train_mode.train(tiny_config, workdir)
 
     tiny_config.sampling.name = "batch4"
-    path4 = train_loop.sample(tiny_config, workdir)
+    path4 = sample_mode.sample(tiny_config, workdir)
     tiny_config.sampling.batch_size = 2
     tiny_config.sampling.name = "batch2"
-    path2 = train_loop.sample(tiny_config, workdir)
+    path2 = sample_mode.sample(tiny_config, workdir)
 
     images4, images2 = np.load(path4)["images"], np.load(path2)["images"]
     assert images4.dtype == np.uint8 and images4.shape == (6, 8, 8, 1)
@@ -71,7 +72,7 @@ def test_sample_writes_uint8_npz_that_ignores_sampling_batch_size(tiny_config, t
 
 def test_sample_on_empty_workdir_raises_no_checkpoint_error(tiny_config, tmp_path):
     with pytest.raises(NoCheckpointError, match="train first"):
-        train_loop.sample(tiny_config, str(tmp_path / "empty"))
+        sample_mode.sample(tiny_config, str(tmp_path / "empty"))
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -128,7 +129,7 @@ def test_sample_refuses_a_config_whose_diffusion_differs_from_the_trained_run(
     tiny_config, tmp_path
 ):
     workdir = str(tmp_path / "run")
-    train_loop.train(tiny_config, workdir)
+    train_mode.train(tiny_config, workdir)
     tiny_config.diffusion.prediction = "v"
     with pytest.raises(ConfigError, match=r"diffusion\.prediction"):
-        train_loop.sample(tiny_config, workdir)
+        sample_mode.sample(tiny_config, workdir)

@@ -8,18 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import schedules, training
+from diffusion_jax import schedules, train_state
 from diffusion_jax.data import pipeline
 
 
 def _setup(config):
-    model = training.create_model(config.model, num_classes=10)
-    optimizer = training.create_optimizer(config.training)
+    model = train_state.create_model(config.model, num_classes=10)
+    optimizer = train_state.create_optimizer(config.training)
     schedule = schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    init = functools.partial(training.init_train_state, model, optimizer, image_shape=(8, 8, 1))
+    init = functools.partial(train_state.init_train_state, model, optimizer, image_shape=(8, 8, 1))
     state = jax.jit(init)(jax.random.PRNGKey(0))
     step = jax.jit(
-        training.make_train_step(
+        train_state.make_train_step(
             model, schedule, optimizer, config.diffusion, config.training.ema_decay
         )
     )
@@ -50,7 +50,7 @@ def test_learning_rate_warms_up_linearly_then_stays_constant(tiny_config):
     tiny_config.training.learning_rate = 1e-3
     tiny_config.training.warmup_steps = 10
     tiny_config.training.grad_clip = 0.0
-    optimizer = training.create_optimizer(tiny_config.training)
+    optimizer = train_state.create_optimizer(tiny_config.training)
     params = {"w": jnp.ones(())}
     opt_state = optimizer.init(params)
     # Adam's first update has magnitude lr (sign of the gradient), so it reveals the rate.
@@ -113,6 +113,6 @@ def test_optimizer_state_has_one_structure_with_and_without_clipping(tiny_config
     structures = []
     for clip in (0.0, 1.0):
         tiny_config.training.grad_clip = clip
-        opt_state = training.create_optimizer(tiny_config.training).init(params)
+        opt_state = train_state.create_optimizer(tiny_config.training).init(params)
         structures.append(jax.tree.structure(opt_state))
     assert structures[0] == structures[1]

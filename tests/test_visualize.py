@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from diffusion_jax import edit_modes, gaussian_oracle, images, samplers, schedules, visualize
+from diffusion_jax import images, samplers, schedules, visualize
+from diffusion_jax.runner import visualize as visualize_mode
+from diffusion_jax.testing import gaussian_oracle
 
 SCH = schedules.get_schedule("cosine", 100)
 MODEL = gaussian_oracle.optimal_model(SCH, 0.0, 0.5)
@@ -97,7 +99,7 @@ def test_visualize_mode_writes_strips_and_a_gif(
 ) -> None:
     workdir, config = trained_tiny_run
     config.edit.num_images = 2
-    paths = edit_modes.visualize_mode(config, workdir)
+    paths = visualize_mode.visualize_mode(config, workdir)
     forward, reverse, gif = paths
     assert all(p.startswith(os.path.join(workdir, "visualize")) for p in paths)
     for path in (forward, reverse):

@@ -22,7 +22,7 @@ prediction=v,schedule=linear    prediction=v,schedule=cosine
 
 from __future__ import annotations
 
-from diffusion_jax.sweeps import Sweep, product, sweep
+from diffusion_jax.runner.sweeps import Sweep, product, sweep
 
 
 def get_sweep() -> Sweep:

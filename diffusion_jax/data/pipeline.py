@@ -41,13 +41,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from diffusion_jax.data import digits as digits_lib
+from diffusion_jax.errors import DatasetNotPreparedError
 
 # Datasets this package knows how to build itself, without TensorFlow or network.
 _BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {"digits": digits_lib.Digits}
-
-
-class DatasetNotPreparedError(ValueError):
-    """The dataset's ArrayRecord files are not in the data dir (the message says how to fix)."""
 
 
 @dataclasses.dataclass(frozen=True)

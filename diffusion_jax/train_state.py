@@ -21,11 +21,10 @@ from typing import Any, cast
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from diffusion_jax import diffusion, schedules
-from diffusion_jax.config_validation import ConfigError
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import UNet
 
 PyTree = Any
@@ -48,7 +47,7 @@ class TrainState:
     consecutive_nonfinite: jax.Array
 
 
-def create_model(model_config: ml_collections.ConfigDict, num_classes: int | None) -> UNet:
+def create_model(model_config: Any, num_classes: int | None) -> UNet:
     """The U-Net a config describes; `num_classes` (the dataset's) sizes the class embedding."""
     if model_config.class_conditional and not num_classes:
         raise ConfigError(
@@ -68,7 +67,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int | Non
     )
 
 
-def create_optimizer(training_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def create_optimizer(training_config: Any) -> optax.GradientTransformation:
     """Adam(W), linear warmup to a constant rate, optional global-norm clipping (Ho et al.)."""
     lr = optax.join_schedules(
         [
@@ -116,7 +115,7 @@ def make_train_step(
     model: UNet,
     schedule: schedules.Schedule,
     optimizer: optax.GradientTransformation,
-    diffusion_config: ml_collections.ConfigDict,
+    diffusion_config: Any,
     ema_decay: float,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """A pure `train_step(state, batch) -> (state, metrics)` to be jitted by the caller.

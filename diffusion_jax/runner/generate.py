@@ -19,18 +19,19 @@ from jax.sharding import Mesh
 
 from diffusion_jax import images, parallel, samplers, schedules
 from diffusion_jax.models.unet import UNet
+from diffusion_jax.runner import workdir as workdir_lib
 
 PyTree = Any
 HostOrDevice = jax.Array | np.ndarray
 SampleFn = Callable[[PyTree, HostOrDevice, HostOrDevice, HostOrDevice | None], jax.Array]
 
 
-def sample_name(sampling_config: ml_collections.ConfigDict) -> str:
-    """File stem for a sample set: the configured name, else e.g. 'ddim50_seed0'."""
-    if sampling_config.name:
-        return sampling_config.name
-    sampler = sampling_config.sampler.replace("+", "p")
-    return f"{sampler}{sampling_config.num_steps}_seed{sampling_config.seed}"
+def sample_name(config: ml_collections.ConfigDict) -> str:
+    """File stem for a sample set: `sampling.name` (a plain name), else e.g. 'ddim50_seed0'."""
+    if config.sampling.name:
+        return workdir_lib.output_name(config.sampling.name, "sampling.name")
+    tag = samplers.SamplerSpec.from_config(config).tag
+    return f"{tag}_seed{config.sampling.seed}"
 
 
 def sample_labels(
@@ -45,8 +46,7 @@ def sample_labels(
 def make_sample_fn(
     model: UNet,
     schedule: schedules.Schedule,
-    sampling_config: ml_collections.ConfigDict,
-    prediction: str,
+    spec: samplers.SamplerSpec,
     image_shape: tuple[int, int, int],
     batch_size: int,
     mesh: Mesh,
@@ -65,24 +65,16 @@ def make_sample_fn(
         def model_fn(x_t: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
             return cast(jax.Array, model.apply({"params": params}, x_t, t, labels, train=False))
 
-        return samplers.sample(
-            model_fn,
-            schedule,
-            (batch_size, *image_shape),
-            rng,
-            sampler=sampling_config.sampler,
-            num_steps=sampling_config.num_steps,
-            eta=sampling_config.eta,
-            prediction=prediction,
-            clip_x0=sampling_config.clip_x0,
-            temperature=sampling_config.temperature,
-            timestep_spacing=sampling_config.timestep_spacing,
-            variance=sampling_config.variance,
-            labels=labels,
-            guidance_scale=sampling_config.guidance_scale,
-            num_classes=model.num_classes,
-            sample_ids=sample_ids,
-            learn_sigma=model.learn_sigma,
+        return cast(
+            jax.Array,
+            spec.sample(
+                model_fn,
+                schedule,
+                (batch_size, *image_shape),
+                rng,
+                labels=labels,
+                sample_ids=sample_ids,
+            ),
         )
 
     replicated, batch = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)

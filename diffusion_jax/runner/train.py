@@ -1,17 +1,14 @@
-"""The training and sampling programs behind `experiments/main.py`, as library functions.
+"""`--mode=train`: train, or resume, a run in its workdir.
 
 `train(config, workdir)` resumes from the latest readable checkpoint in `workdir` when there is
 one, so rerunning the same command continues a run, bit for bit, after any interruption:
 SIGKILL, a crash or SIGTERM (which saves a checkpoint at the current step and returns).
 `metrics.jsonl` is truncated on resume to the records up to the restored step, so each step
-appears once. `sample(config, workdir)` writes `samples/<name>.npz` (uint8 NHWC under 'images')
-and a PNG grid from the EMA parameters. Progress goes through `absl.logging`; nothing is printed.
+appears once. Progress goes through `absl.logging`; nothing is printed.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import signal
 import threading
@@ -24,77 +21,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpointing, images, parallel, sampling, training
-from diffusion_jax.config_validation import (
-    check_resume_compatible,
-    check_workdir_writable,
-    locked_key_changes,
-    validate_config,
-)
+from diffusion_jax import checkpointing, images, parallel, train_state
 from diffusion_jax.data import pipeline
-from diffusion_jax.metric_writer import MetricWriter
-from diffusion_jax.run import ModelSetup
+from diffusion_jax.errors import NonFiniteError
+from diffusion_jax.runner import generate, validation
+from diffusion_jax.runner import workdir as workdir_lib
+from diffusion_jax.runner.setup import ModelSetup
 
-
-def is_chief() -> bool:
-    return jax.process_index() == 0
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced non-finite values for too many consecutive steps."""
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Save the resolved config as `<workdir>/config.json` (process 0 only), atomically."""
-    if is_chief():
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "config.json")
-        with open(path + ".tmp", "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-        os.replace(path + ".tmp", path)
-
-
-def check_saved_config(
-    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
-) -> None:
-    """Refuse (or, when allowed, warn about) a resume that changes the model's shape or meaning."""
-    path = os.path.join(workdir, "config.json")
-    if not checkpointing.finished_steps(workdir) or not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        logging.warning("Cannot read %s (%s); not comparing configs.", path, error)
-        return
-    if not allow_config_change:
-        check_resume_compatible(saved, config, workdir=workdir)
-    elif changes := locked_key_changes(saved, config):
-        logging.warning(
-            "Resuming with a changed config (--allow_config_change): %s",
-            ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes),
-        )
-
-
-def _truncate_metrics(workdir: str, step: int) -> None:
-    """Keep the `metrics.jsonl` records up to `step` (the restored one), so the steps that a
-    killed run logged after its last checkpoint, and will log again, appear once. Also drops a
-    line cut short by the kill."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not is_chief() or not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(json.dumps(record) + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+# The config sections a training run uses (the sampling section draws the training grids).
+VALIDATORS = (
+    *validation.MODEL_VALIDATORS,
+    validation.check_training,
+    validation.check_sampling,
+)
 
 
 class _SigtermFlag:
@@ -125,46 +64,22 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class _Setup(ModelSetup):
-    """`run.ModelSetup` plus the jitted sample functions of both modes."""
-
-    def sample_fn(self, config: ml_collections.ConfigDict, batch_size: int) -> Any:
-        return sampling.make_sample_fn(
-            self.model,
-            self.schedule,
-            config.sampling,
-            config.diffusion.prediction,
-            self.image_shape,
-            batch_size,
-            self.mesh,
-        )
-
-    def labels_fn(self, config: ml_collections.ConfigDict) -> Any:
-        if not config.model.class_conditional:
-            return None
-        return functools.partial(
-            sampling.sample_labels,
-            sampling_config=config.sampling,
-            num_classes=self.info.num_classes or 1,
-        )
-
-
 def train(
     config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
-) -> training.TrainState:
+) -> train_state.TrainState:
     """Train (or resume) until `config.training.num_train_steps`; returns the final state.
 
     Before anything is compiled, refuses (`ConfigError`) an invalid config, an unwritable
     workdir, and a workdir whose checkpoints were written with different
-    `config_validation.RESUME_LOCKED_KEYS` values unless `allow_config_change`. On SIGTERM it
+    `validation.RESUME_LOCKED_KEYS` values unless `allow_config_change`. On SIGTERM it
     saves a checkpoint at the current step and returns the state early. Raises `NonFiniteError`
     after `training.max_consecutive_nonfinite` skipped steps in a row, and
     `checkpointing.CheckpointSaveError` when a save fails.
     """
-    validate_config(config, num_devices=jax.device_count())
-    check_workdir_writable(workdir)
-    check_saved_config(config, workdir, allow_config_change)
-    setup = _Setup(config)
+    validation.validate(config, jax.device_count(), VALIDATORS)
+    validation.check_workdir_writable(workdir)
+    _warn_about_changes(validation.check_resume(config, workdir, allow_config_change))
+    setup = ModelSetup(config)
     checkpointer = checkpointing.Checkpointer(
         workdir, max_to_keep=config.training.max_checkpoints_to_keep
     )
@@ -192,10 +107,10 @@ def _close_after_error(checkpointer: checkpointing.Checkpointer) -> None:
 def _train(
     config: ml_collections.ConfigDict,
     workdir: str,
-    setup: _Setup,
+    setup: ModelSetup,
     checkpointer: checkpointing.Checkpointer,
     sigterm: _SigtermFlag,
-) -> training.TrainState:
+) -> train_state.TrainState:
     tcfg = config.training
     data_iter = pipeline.train_iterator(
         config.data,
@@ -213,19 +128,12 @@ def _train(
         logging.info("Starting a new run in %s", workdir)
     step = last_saved = int(state.step)
     # Only now: a config.json rewritten before a failed restore would misdescribe the run.
-    write_config(config, workdir)
-    _truncate_metrics(workdir, step)
+    workdir_lib.write_config(config, workdir)
+    workdir_lib.truncate_metrics(workdir, step)
 
-    train_step = jax.jit(
-        training.make_train_step(
-            setup.model, setup.schedule, setup.optimizer, config.diffusion, tcfg.ema_decay
-        ),
-        in_shardings=(setup.replicated, parallel.batch_sharding(setup.mesh)),
-        out_shardings=(setup.replicated, setup.replicated),
-        donate_argnums=0,
-    )
-    writer = MetricWriter(workdir, enabled=is_chief())
-    grid_fn = setup.sample_fn(config, _grid_batch_size(tcfg.num_grid_samples, setup.mesh))
+    train_step = setup.train_step()
+    writer = workdir_lib.MetricWriter(workdir)
+    grid_fn = setup.sample_fn(_grid_batch_size(tcfg.num_grid_samples, setup.mesh))
     nan_steps = set(tcfg.debug_nan_steps)
     save_seconds, num_saves = 0.0, 0
 
@@ -353,69 +261,25 @@ def _report_nonfinite(step: int, consecutive: int, last_saved: int, limit: int) 
         )
 
 
-def sample(
-    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
-) -> str:
-    """Write `<workdir>/samples/<name>.npz` and `.png` from the latest checkpoint's EMA params.
-
-    Refuses (`ConfigError`) a config whose model, data or diffusion keys differ from the run's
-    saved `config.json` (sampling a v-prediction model as eps would give wrong images silently)
-    unless `allow_config_change`. Returns the path of the .npz file.
-    """
-    scfg = config.sampling
-    validate_config(config, num_devices=jax.device_count())
-    checkpointing.require_checkpoint(workdir)
-    check_saved_config(config, workdir, allow_config_change)
-    setup = _Setup(config)
-    state = setup.restore(workdir)
-    batches = sampling.generate_batches(
-        setup.sample_fn(config, scfg.batch_size),
-        state.ema_params,
-        seed=scfg.seed,
-        num_samples=scfg.num_samples,
-        batch_size=scfg.batch_size,
-        labels_fn=setup.labels_fn(config),
-    )
-    started = time.perf_counter()
-    samples = np.concatenate(list(batches))
-    logging.info(
-        "Sampled %d images (%s, %d steps) in %.1f s",
-        len(samples),
-        scfg.sampler,
-        scfg.num_steps,
-        time.perf_counter() - started,
-    )
-    path = os.path.join(workdir, "samples", sampling.sample_name(scfg) + ".npz")
-    if is_chief():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        labels_fn = setup.labels_fn(config)
-        labels = None if labels_fn is None else labels_fn(np.arange(len(samples)))
-        _atomic_savez(path, samples, labels)
-        images.save_grid(path[: -len(".npz")] + ".png", samples[: min(len(samples), 100)])
-        with open(path[: -len(".npz")] + ".json", "w") as f:
-            json.dump({"step": int(state.step), "sampling": scfg.to_dict()}, f, indent=2)
-    return path
-
-
 def _write_training_grid(
-    setup: _Setup,
+    setup: ModelSetup,
     config: ml_collections.ConfigDict,
     grid_fn: Any,
-    state: training.TrainState,
+    state: train_state.TrainState,
     workdir: str,
     step: int,
 ) -> None:
     num = config.training.num_grid_samples
-    batches = sampling.generate_batches(
+    batches = generate.generate_batches(
         grid_fn,
         state.ema_params,
         seed=config.sampling.seed,
         num_samples=num,
         batch_size=_grid_batch_size(num, setup.mesh),
-        labels_fn=setup.labels_fn(config),
+        labels_fn=setup.labels_fn(),
     )
     grid = np.concatenate(list(batches))
-    if is_chief():
+    if workdir_lib.is_chief():
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
         images.save_grid(os.path.join(workdir, "samples", f"train_step{step}.png"), grid)
 
@@ -426,14 +290,12 @@ def _grid_batch_size(num_samples: int, mesh: jax.sharding.Mesh) -> int:
     return -(-num_samples // devices) * devices
 
 
-def _atomic_savez(path: str, samples: np.ndarray, labels: np.ndarray | None = None) -> None:
-    """`images` uint8 (N, H, W, C), and for a class-conditional model `labels` int32 (N,)."""
-    tmp = path + ".tmp.npz"
-    if labels is None:
-        np.savez(tmp, images=samples)
-    else:
-        np.savez(tmp, images=samples, labels=labels)
-    os.replace(tmp, path)
+def _warn_about_changes(changes: list[tuple[str, Any, Any]]) -> None:
+    if changes:
+        logging.warning(
+            "Resuming with a changed config (--allow_config_change): %s",
+            ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes),
+        )
 
 
 def _format_seconds(seconds: float) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
-import glob
 import hashlib
 import io
 import itertools
@@ -39,7 +38,8 @@ from typing import Any
 
 import ml_collections
 
-from diffusion_jax import checkpointing
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.runner import workdir as workdir_lib
 
 Point = dict[str, Any]
 
@@ -49,7 +49,7 @@ DEFAULT_TRAIN_METRICS = ("loss",)
 _MAX_NAME_LENGTH = 120  # well under the 255-byte file-name limit, still readable in a listing
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     """A sweep description or sweep key that cannot work; the message names the fix."""
 
 
@@ -272,16 +272,10 @@ def validate_points(
 # Progress of a point.
 
 
-def latest_step(workdir: str) -> int:
-    """The step of the newest finished checkpoint in `workdir` (0 when none)."""
-    steps = checkpointing.finished_steps(workdir)
-    return steps[-1] if steps else 0
-
-
 def is_finished(workdir: str, num_train_steps: int) -> bool:
     """Whether `workdir` holds a checkpoint at `num_train_steps` or later (the trainer always
     saves at its last step, so this means the run completed)."""
-    return latest_step(workdir) >= num_train_steps
+    return workdir_lib.latest_step(workdir) >= num_train_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +285,9 @@ def is_finished(workdir: str, num_train_steps: int) -> bool:
 def write_sweep_file(sweep_dir: str, names: Sequence[str], points: Sequence[Point]) -> None:
     """Record the points as `<sweep_dir>/sweep.json` ({"points": [{"name", "overrides"}]})."""
     records = [{"name": n, "overrides": dict(p)} for n, p in zip(names, points, strict=True)]
-    _atomic_write(os.path.join(sweep_dir, "sweep.json"), json.dumps({"points": records}, indent=2))
+    workdir_lib.atomic_write_text(
+        os.path.join(sweep_dir, "sweep.json"), json.dumps({"points": records}, indent=2)
+    )
 
 
 def read_sweep_file(sweep_dir: str) -> tuple[list[str], list[Point]]:
@@ -308,43 +304,6 @@ def read_sweep_file(sweep_dir: str) -> tuple[list[str], list[Point]]:
 
 def _as_config_value_dict(point: Mapping[str, Any]) -> Point:
     return {k: _as_config_value(v) for k, v in point.items()}
-
-
-def read_eval_results(workdir: str) -> list[dict[str, Any]]:
-    """The eval mode's results, `<workdir>/eval/*.json`, sorted by name.
-
-    Each is `{"name": str, "step": int, "metrics": {"fd": float, ...}, ...}`; a file without
-    "name" is named after its file. Files that are not valid JSON objects are skipped.
-    """
-    results = []
-    for path in sorted(glob.glob(os.path.join(workdir, "eval", "*.json"))):
-        try:
-            with open(path) as f:
-                record = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            continue  # being written, or not an eval result
-        if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
-            continue
-        record.setdefault("name", os.path.splitext(os.path.basename(path))[0])
-        results.append(record)
-    return sorted(results, key=lambda r: str(r["name"]))
-
-
-def final_train_metrics(workdir: str, keys: Sequence[str]) -> dict[str, float]:
-    """The last logged value of each of `keys` in `<workdir>/metrics.jsonl` (absent keys left
-    out; a line cut short by a kill is ignored)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    found: dict[str, float] = {}
-    if not os.path.exists(path):
-        return found
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            found.update({k: record[k] for k in keys if k in record})
-    return found
 
 
 def _scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -382,8 +341,8 @@ def collect_results(
     for name, point in zip(names, points, strict=True):
         workdir = os.path.join(sweep_dir, name)
         row: dict[str, Any] = {POINT_COLUMN: name, **{k: point.get(k) for k in keys}}
-        step = latest_step(workdir)
-        target = _saved_num_train_steps(workdir)
+        step = workdir_lib.latest_step(workdir)
+        target = workdir_lib.saved_num_train_steps(workdir)
         row[STATUS_COLUMN] = (
             "failed"
             if name in failed
@@ -392,8 +351,8 @@ def collect_results(
             else "incomplete"
         )
         row[STEP_COLUMN] = step or None
-        row.update(final_train_metrics(workdir, train_keys))
-        for result in read_eval_results(workdir):
+        row.update(workdir_lib.final_metrics(workdir, train_keys))
+        for result in workdir_lib.read_eval_results(workdir):
             for metric, value in _scalar_metrics(result["metrics"]).items():
                 if metrics is None or metric in metrics:
                     column = f"{result['name']}/{metric}"
@@ -412,14 +371,6 @@ def collect_results(
     return columns, [{c: row.get(c) for c in columns} for row in rows]
 
 
-def _saved_num_train_steps(workdir: str) -> int | None:
-    try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            return int(json.load(f)["training"]["num_train_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def write_results(
     sweep_dir: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
 ) -> None:
@@ -429,8 +380,10 @@ def write_results(
     writer.writeheader()
     for row in rows:
         writer.writerow({c: _csv_value(row.get(c)) for c in columns})
-    _atomic_write(os.path.join(sweep_dir, "results.csv"), buffer.getvalue())
-    _atomic_write(os.path.join(sweep_dir, "results.md"), markdown_table(columns, rows))
+    workdir_lib.atomic_write_text(os.path.join(sweep_dir, "results.csv"), buffer.getvalue())
+    workdir_lib.atomic_write_text(
+        os.path.join(sweep_dir, "results.md"), markdown_table(columns, rows)
+    )
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
@@ -465,9 +418,3 @@ def _csv_value(value: Any) -> str:
     if isinstance(value, tuple):
         return format_value(value)
     return str(value)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)

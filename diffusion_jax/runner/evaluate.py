@@ -35,18 +35,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpointing, likelihood, parallel, sampling
+from diffusion_jax import checkpointing, likelihood, parallel, samplers
 from diffusion_jax.data import pipeline
+from diffusion_jax.errors import ConfigError, MissingEvalInputError
 from diffusion_jax.evaluation import metrics as metrics_lib
 from diffusion_jax.evaluation import reference
-from diffusion_jax.evaluation.eval_config import (
-    MissingEvalInputError,
-    check_eval_mode,
-    eval_name,
-)
 from diffusion_jax.evaluation.features import FeatureNetwork
-from diffusion_jax.metric_writer import MetricWriter
-from diffusion_jax.run import ModelSetup
+from diffusion_jax.runner import generate, validation
+from diffusion_jax.runner import workdir as workdir_lib
+from diffusion_jax.runner.setup import ModelSetup
 
 INCEPTION_WEIGHTS_HELP = (
     "download pytorch-fid's pt_inception-2015-12-05-6726825d.pth from "
@@ -55,6 +52,79 @@ INCEPTION_WEIGHTS_HELP = (
     "experiments.convert_inception_weights --input=pt_inception-2015-12-05-6726825d.pth "
     "--output=inception_fid.npz` and pass --config.eval.inception_weights=inception_fid.npz"
 )
+
+
+METRICS = ("fd", "is", "precision_recall")
+FEATURE_NETWORKS = ("digits", "inception")
+
+
+def eval_name(config: ml_collections.ConfigDict) -> str:
+    """`eval.name`, else e.g. 'ddim50_eta0.5_g2_seed0_n1000': every setting that changes the
+    samples is in the name, so two evals never share shards."""
+    if config.eval.name:
+        return workdir_lib.output_name(str(config.eval.name), "eval.name")
+    s = config.sampling
+    parts = [samplers.SamplerSpec.from_config(config).tag]
+    if s.sampler == "ddim" and s.eta:
+        parts.append(f"eta{s.eta:g}")
+    if s.sampler == "ddpm" and s.variance != "fixed_small":
+        parts.append(s.variance)
+    if s.timestep_spacing != "linspace":
+        parts.append(s.timestep_spacing)
+    if s.guidance_scale != 1.0:
+        parts.append(f"g{s.guidance_scale:g}")
+    if s.label >= 0:
+        parts.append(f"label{s.label}")
+    if s.temperature != 1.0:
+        parts.append(f"temp{s.temperature:g}")
+    if not s.clip_x0:
+        parts.append("noclip")
+    parts += [f"seed{s.seed}", f"n{config.eval.num_samples}"]
+    return "_".join(parts)
+
+
+def check_eval(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raise `ConfigError` for an `eval.*` value that cannot work: allowed values, a feature
+    network for the dataset, batches that split over the devices, a plain eval name."""
+    e = config.eval
+    unknown = [m for m in e.metrics if m not in METRICS]
+    checks: list[tuple[bool, str]] = [
+        (not unknown, f"eval.metrics has {unknown}; use any of {METRICS}"),
+        (
+            e.feature_network in FEATURE_NETWORKS,
+            f"eval.feature_network={e.feature_network!r}; use one of {FEATURE_NETWORKS}",
+        ),
+        (e.num_samples >= 2, f"eval.num_samples={e.num_samples}; use 2 or more"),
+        (e.batch_size >= 1, f"eval.batch_size={e.batch_size}; use 1 or more"),
+        (e.shard_size >= 1, f"eval.shard_size={e.shard_size}; use 1 or more"),
+        (e.pr_k >= 1, f"eval.pr_k={e.pr_k}; use 1 or more"),
+        (
+            e.pr_num_samples > e.pr_k or "precision_recall" not in e.metrics,
+            f"eval.pr_num_samples={e.pr_num_samples} must exceed eval.pr_k={e.pr_k}",
+        ),
+        (e.bpd_num_images >= 0, f"eval.bpd_num_images={e.bpd_num_images}; use 0 (off) or more"),
+        (e.bpd_batch_size >= 1, f"eval.bpd_batch_size={e.bpd_batch_size}; use 1 or more"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if e.name:
+        workdir_lib.output_name(str(e.name), "eval.name")
+    if e.feature_network == "digits" and config.data.name != "digits":
+        raise ConfigError(
+            f"eval.feature_network='digits' only scores the digits dataset; use 'inception' "
+            f"for {config.data.name!r}"
+        )
+    for key in ("batch_size", "bpd_batch_size"):
+        if e[key] % num_devices:
+            raise ConfigError(
+                f"eval.{key}={e[key]} does not divide over {num_devices} devices; use a multiple "
+                f"of {num_devices}"
+            )
+
+
+# The config sections the eval mode uses.
+VALIDATORS = (*validation.MODEL_VALIDATORS, validation.check_sampling, check_eval)
 
 
 @dataclasses.dataclass
@@ -66,6 +136,11 @@ class EvalResult:
     metrics: dict[str, float]
     path: str
     seconds_per_1000_samples: float | None
+
+    def summary(self) -> str:
+        """One line: name, step, metrics and where they were written."""
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items())
+        return f"Eval {self.name} at step {self.step}: {scores} ({self.path})"
 
 
 def reference_stats_path(config: ml_collections.ConfigDict, split: str | None = None) -> str:
@@ -136,15 +211,9 @@ def evaluate(
     Raises `ConfigError`, `checkpointing.NoCheckpointError`, `MissingEvalInputError` or
     `pipeline.DatasetNotPreparedError` before compiling anything.
     """
-    # Imported here: train_loop imports the library's sampling and checkpoint modules, and
-    # its saved-config check is shared by every mode that reads a run.
-    from diffusion_jax.config_validation import validate_config
-    from diffusion_jax.train_loop import check_saved_config, is_chief
-
-    validate_config(config, num_devices=jax.device_count())
-    check_eval_mode(config, jax.device_count())
+    validation.validate(config, jax.device_count(), VALIDATORS)
     checkpointing.require_checkpoint(workdir)
-    check_saved_config(config, workdir, allow_config_change)
+    validation.check_resume(config, workdir, allow_config_change)
     check_eval_inputs(config)
     setup = ModelSetup(config)
     network = make_feature_network(config.eval)
@@ -154,7 +223,7 @@ def evaluate(
 
     started = time.perf_counter()
     images, generated = _generate_shards(
-        config, setup, state.ema_params, workdir, name, step, after_shard, is_chief()
+        config, setup, state.ema_params, workdir, name, step, after_shard
     )
     elapsed = time.perf_counter() - started
     per_1000 = 1000.0 * elapsed / generated if generated else None
@@ -166,7 +235,7 @@ def evaluate(
     result_path = os.path.join(workdir, "eval", name + ".json")
     if per_1000 is None:  # every shard was on disk: keep the time measured when they were made
         per_1000 = _previous_timing(result_path, step)
-    if is_chief():
+    if workdir_lib.is_chief():
         record = {
             "name": name,
             "step": step,
@@ -179,21 +248,11 @@ def evaluate(
             "sampling": config.sampling.to_dict(),
             "eval": config.eval.to_dict(),
         }
-        _atomic_write_json(result_path, record)
-        writer = MetricWriter(workdir)
+        workdir_lib.atomic_write_json(result_path, record)
+        writer = workdir_lib.MetricWriter(workdir)
         writer.write(step, {f"eval/{name}/{k}": v for k, v in scores.items()})
         writer.close()
     return EvalResult(name, step, scores, result_path, per_1000)
-
-
-def _labels_fn(config: ml_collections.ConfigDict, setup: ModelSetup) -> Any:
-    if not config.model.class_conditional:
-        return None
-    return functools.partial(
-        sampling.sample_labels,
-        sampling_config=config.sampling,
-        num_classes=setup.info.num_classes or 1,
-    )
 
 
 def _generate_shards(
@@ -204,7 +263,6 @@ def _generate_shards(
     name: str,
     step: int,
     after_shard: Callable[[int], None] | None,
-    chief: bool,
 ) -> tuple[np.ndarray, int]:
     """All eval samples, uint8 (N, H, W, C), and how many were generated by this call."""
     e = config.eval
@@ -216,6 +274,7 @@ def _generate_shards(
         "sampling": config.sampling.to_dict(),
         "class_conditional": bool(config.model.class_conditional),
     }
+    chief = workdir_lib.is_chief()
     _start_or_resume(shard_dir, manifest, chief)
     sample_fn = None
     shards, generated = [], 0
@@ -229,28 +288,22 @@ def _generate_shards(
                 shards.append(shard)
                 continue
         if sample_fn is None:  # compile only when something is left to generate
-            sample_fn = sampling.make_sample_fn(
-                setup.model,
-                setup.schedule,
-                config.sampling,
-                config.diffusion.prediction,
-                setup.image_shape,
-                min(e.batch_size, _round_up(e.num_samples, jax.device_count())),
-                setup.mesh,
+            sample_fn = setup.sample_fn(
+                min(e.batch_size, _round_up(e.num_samples, jax.device_count()))
             )
-        batches = sampling.generate_batches(
+        batches = generate.generate_batches(
             sample_fn,
             params,
             seed=config.sampling.seed,
             num_samples=count,
             batch_size=min(e.batch_size, _round_up(e.num_samples, jax.device_count())),
-            labels_fn=_labels_fn(config, setup),
+            labels_fn=setup.labels_fn(),
             first_id=first,
         )
         shard = np.concatenate(list(batches))
         generated += count
         if chief:
-            _atomic_savez(path, shard)
+            workdir_lib.atomic_savez(path, images=shard)
         shards.append(shard)
         if after_shard is not None:
             after_shard(k)
@@ -277,7 +330,7 @@ def _start_or_resume(shard_dir: str, manifest: dict[str, Any], chief: bool) -> N
     if chief:
         shutil.rmtree(shard_dir, ignore_errors=True)
         os.makedirs(shard_dir)
-        _atomic_write_json(path, manifest)
+        workdir_lib.atomic_write_json(path, manifest)
 
 
 def _score_samples(
@@ -382,17 +435,3 @@ def _previous_timing(result_path: str, step: int) -> float | None:
         return None
     timing = previous.get("seconds_per_1000_samples")
     return float(timing) if timing is not None else None
-
-
-def _atomic_savez(path: str, images: np.ndarray) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, images=images)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: str, record: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)

@@ -1,0 +1,73 @@
+"""`--mode=sample`: write a fixed-seed sample set of a trained run.
+
+    sample(config, workdir) -> <workdir>/samples/<name>.npz
+
+`<name>.npz` holds uint8 (N, H, W, C) under 'images' (and int32 'labels' (N,) for a
+class-conditional model), `<name>.png` a grid of the first 100 and `<name>.json` the checkpoint
+step and the sampling settings. Sample i depends only on (sampling.seed, i), not on the batch
+size or the device count.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from diffusion_jax import checkpointing, images
+from diffusion_jax.runner import generate, validation
+from diffusion_jax.runner import workdir as workdir_lib
+from diffusion_jax.runner.setup import ModelSetup
+
+VALIDATORS = (*validation.MODEL_VALIDATORS, validation.check_sampling)
+
+
+def sample(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> str:
+    """Write `<workdir>/samples/<name>.npz` and `.png` from the latest checkpoint's EMA params.
+
+    Refuses (`ConfigError`) a config whose model, data or diffusion keys differ from the run's
+    saved `config.json` (sampling a v-prediction model as eps would give wrong images silently)
+    unless `allow_config_change`. Returns the path of the .npz file.
+    """
+    scfg = config.sampling
+    validation.validate(config, jax.device_count(), VALIDATORS)
+    name = generate.sample_name(config)
+    checkpointing.require_checkpoint(workdir)
+    validation.check_resume(config, workdir, allow_config_change)
+    setup = ModelSetup(config)
+    state = setup.restore(workdir)
+    labels_fn = setup.labels_fn()
+    batches = generate.generate_batches(
+        setup.sample_fn(scfg.batch_size),
+        state.ema_params,
+        seed=scfg.seed,
+        num_samples=scfg.num_samples,
+        batch_size=scfg.batch_size,
+        labels_fn=labels_fn,
+    )
+    started = time.perf_counter()
+    samples = np.concatenate(list(batches))
+    logging.info(
+        "Sampled %d images (%s, %d steps) in %.1f s",
+        len(samples),
+        scfg.sampler,
+        scfg.num_steps,
+        time.perf_counter() - started,
+    )
+    stem = os.path.join(workdir, "samples", name)
+    if workdir_lib.is_chief():
+        arrays = {"images": samples}
+        if labels_fn is not None:
+            arrays["labels"] = labels_fn(np.arange(len(samples)))
+        workdir_lib.atomic_savez(stem + ".npz", **arrays)
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
+        images.save_grid(stem + ".png", samples[: min(len(samples), 100)])
+        record = {"step": int(state.step), "sampling": scfg.to_dict()}
+        workdir_lib.atomic_write_json(stem + ".json", record)
+    return stem + ".npz"

@@ -1,0 +1,137 @@
+"""What a config fixes before any checkpoint is read: dataset info, model, schedule, optimizer
+and the shape (with shardings) of the train state, on a mesh over all devices; and the restore
+of a checkpoint into it. Every mode that builds the model starts here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, cast
+
+import jax
+import ml_collections
+
+from diffusion_jax import checkpointing, parallel, samplers, schedules, train_state
+from diffusion_jax.data import pipeline
+from diffusion_jax.errors import ConfigError, DatasetNotPreparedError, NoCheckpointError
+from diffusion_jax.models.unet import UNet
+from diffusion_jax.runner import generate
+from diffusion_jax.runner.validation import validate_against_dataset
+
+PyTree = Any
+
+
+class ModelSetup:
+    """What a config fixes before any checkpoint is read: dataset info, model, schedule and the
+    shape (with shardings) of the train state, on a mesh over all devices."""
+
+    def __init__(self, config: ml_collections.ConfigDict) -> None:
+        self.config = config
+        self.mesh = parallel.create_mesh()
+        try:
+            self.info = pipeline.dataset_info(config.data)
+        except DatasetNotPreparedError:
+            raise
+        except ValueError as error:  # e.g. an unknown dataset name
+            raise ConfigError(f"data.name={config.data.name!r}: {error}") from None
+        validate_against_dataset(config, self.info.num_classes)
+        self.image_shape: tuple[int, int, int] = tuple(self.info.image_shape)  # type: ignore[assignment]
+        self.model: UNet = train_state.create_model(config.model, self.info.num_classes)
+        self.schedule = schedules.get_schedule(
+            config.diffusion.schedule, num_timesteps=config.diffusion.num_timesteps
+        )
+        self.optimizer = train_state.create_optimizer(config.training)
+        self.replicated = parallel.replicated_sharding(self.mesh)
+        self.init_state = jax.jit(
+            lambda rng: train_state.init_train_state(
+                self.model, self.optimizer, rng, image_shape=self.image_shape
+            ),
+            out_shardings=self.replicated,
+        )
+        self.abstract_state = checkpointing.abstract_like(
+            jax.eval_shape(self.init_state, jax.random.PRNGKey(0)), self.replicated
+        )
+
+    def restore(self, workdir: str, step: int | None = None) -> train_state.TrainState:
+        """The train state at `step` (default: the latest readable checkpoint), read-only.
+
+        Raises `NoCheckpointError` when there is none (or no such step).
+        """
+        checkpointing.require_checkpoint(workdir)
+        # Read-only: a manager that may write would delete the tmp dir of a save in flight
+        # when reading from a workdir that is still training.
+        checkpointer = checkpointing.Checkpointer(workdir, async_save=False, read_only=True)
+        try:
+            if step is None:
+                state = checkpointer.restore_latest_readable(self.abstract_state)
+            else:
+                if step not in checkpointing.finished_steps(workdir):
+                    raise NoCheckpointError(
+                        f"{workdir} has no checkpoint at step {step}; it has "
+                        f"{checkpointing.finished_steps(workdir)}"
+                    )
+                state = checkpointer.restore(self.abstract_state, step=step)
+        finally:
+            checkpointer.close()
+        if state is None:  # the checkpoints vanished since require_checkpoint
+            raise NoCheckpointError(f"no checkpoint left in {workdir}")
+        return cast(train_state.TrainState, state)
+
+    def model_fn(self, params: PyTree) -> Any:
+        """`fn(x_t (B, H, W, C), t (B,), labels (B,) | None = None) -> output`, eval mode."""
+
+        def fn(x_t: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+            return cast(
+                jax.Array, self.model.apply({"params": params}, x_t, t, labels, train=False)
+            )
+
+        return fn
+
+    @property
+    def num_classes(self) -> int | None:
+        """The class count of a class-conditional model, else None."""
+        return self.info.num_classes if self.config.model.class_conditional else None
+
+    def sampler_spec(self) -> samplers.SamplerSpec:
+        """The sampler options of `config.sampling`, for this model."""
+        return samplers.SamplerSpec.from_config(self.config, self.num_classes)
+
+    def train_step(self) -> Any:
+        """The jitted `train_step(state, batch) -> (state, metrics)` of the training loop: state
+        replicated on the mesh, batch sharded over it, the old state's buffers donated."""
+        step = train_state.make_train_step(
+            self.model,
+            self.schedule,
+            self.optimizer,
+            self.config.diffusion,
+            self.config.training.ema_decay,
+        )
+        return jax.jit(
+            step,
+            in_shardings=(self.replicated, parallel.batch_sharding(self.mesh)),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
+
+    def sample_fn(self, batch_size: int, spec: samplers.SamplerSpec | None = None) -> Any:
+        """The jitted, mesh-sharded sampler of `generate.make_sample_fn` for batches of
+        `batch_size`, with `spec` (default: `sampler_spec()`)."""
+        return generate.make_sample_fn(
+            self.model,
+            self.schedule,
+            spec or self.sampler_spec(),
+            self.image_shape,
+            batch_size,
+            self.mesh,
+        )
+
+    def labels_fn(self) -> Any:
+        """ids -> int32 labels of `generate.sample_labels` for a class-conditional model, else
+        None."""
+        if self.num_classes is None:
+            return None
+        return functools.partial(
+            generate.sample_labels,
+            sampling_config=self.config.sampling,
+            num_classes=self.num_classes,
+        )

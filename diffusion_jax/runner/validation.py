@@ -1,0 +1,310 @@
+"""Config checks, composed per mode; each problem is one line naming the key and the fix.
+
+Each config section is checked by the code that owns it: the U-Net by `models.unet`, the
+schedule by `schedules`, the sampler options by `samplers.SamplerSpec`, `eval.*` by
+`runner.evaluate`, `edit.*` by `runner.edit`. This module holds the checks of the sections the
+runner itself owns (`data`, `training`, the device split) and `validate`, which a mode calls
+with the validators of the sections it uses, before loading data or compiling anything.
+Unknown keys and wrong types are already refused by ml_collections when a `--config.x.y=`
+override is parsed, since config files return locked, typed ConfigDicts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import ml_collections
+
+from diffusion_jax import diffusion, samplers, schedules
+from diffusion_jax.errors import ConfigError
+from diffusion_jax.models.unet import validate_unet_config
+from diffusion_jax.runner import workdir as workdir_lib
+
+# `validator(config, num_devices)` raises ConfigError for the first bad value of its section.
+Validator = Callable[[ml_collections.ConfigDict, int], None]
+
+
+def validate(
+    config: ml_collections.ConfigDict, num_devices: int, validators: Iterable[Validator]
+) -> None:
+    """Run `validators` in order; the first problem raises `ConfigError`."""
+    for validator in validators:
+        validator(config, num_devices)
+
+
+def check_model(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """`model.*` and `data.image_size`: the U-Net must be buildable."""
+    m = config.model
+    _check_all(
+        [
+            (config.data.image_size >= 1, "data.image_size must be a positive integer"),
+            (
+                m.dtype in ("float32", "bfloat16"),
+                f"model.dtype={m.dtype!r}; use 'float32' or 'bfloat16'",
+            ),
+            (0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}; use a value in [0, 1)"),
+            (m.num_res_blocks >= 1, f"model.num_res_blocks={m.num_res_blocks}; use 1 or more"),
+        ]
+    )
+    _reraise(
+        lambda: validate_unet_config(
+            image_size=config.data.image_size,
+            ch=m.ch,
+            ch_mult=tuple(m.ch_mult),
+            attn_resolutions=tuple(m.attn_resolutions),
+            num_res_blocks=m.num_res_blocks,
+            dropout=m.dropout,
+        )
+    )
+
+
+def check_diffusion(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """`diffusion.*`: schedule, prediction and loss."""
+    d = config.diffusion
+    _check_all(
+        [
+            (
+                d.prediction in diffusion.PREDICTIONS,
+                f"diffusion.prediction={d.prediction!r}; use one of {diffusion.PREDICTIONS}",
+            ),
+            (
+                d.loss_weighting in diffusion.LOSS_WEIGHTINGS,
+                f"diffusion.loss_weighting={d.loss_weighting!r}; use one of "
+                f"{diffusion.LOSS_WEIGHTINGS}",
+            ),
+            (
+                d.min_snr_gamma > 0,
+                f"diffusion.min_snr_gamma={d.min_snr_gamma}; use a positive value",
+            ),
+            (
+                0.0 <= d.label_dropout < 1.0,
+                f"diffusion.label_dropout={d.label_dropout}; use [0, 1)",
+            ),
+            (
+                d.get("vlb_weight", 0.0) >= 0,
+                f"diffusion.vlb_weight={d.get('vlb_weight')}; use >= 0 (0 = L_simple only)",
+            ),
+            (d.num_timesteps >= 1, f"diffusion.num_timesteps={d.num_timesteps}; use 1 or more"),
+        ]
+    )
+    _reraise(lambda: schedules.get_schedule(d.schedule, d.num_timesteps))
+
+
+def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """`training.*`: optimizer, EMA, logging and checkpoint cadence, the global batch."""
+    t = config.training
+    _check_all(
+        [
+            (t.num_train_steps >= 0, f"training.num_train_steps={t.num_train_steps}; use >= 0"),
+            (
+                t.learning_rate > 0,
+                f"training.learning_rate={t.learning_rate}; use a positive rate",
+            ),
+            (t.warmup_steps >= 0, f"training.warmup_steps={t.warmup_steps}; use >= 0"),
+            (
+                t.grad_clip >= 0,
+                f"training.grad_clip={t.grad_clip}; use >= 0 (0 disables clipping)",
+            ),
+            (t.weight_decay >= 0, f"training.weight_decay={t.weight_decay}; use >= 0"),
+            (
+                0.0 <= t.ema_decay < 1.0,
+                f"training.ema_decay={t.ema_decay}; use a value in [0, 1)",
+            ),
+            (t.log_every >= 1, f"training.log_every={t.log_every}; use 1 or more"),
+            (
+                t.checkpoint_every >= 1,
+                f"training.checkpoint_every={t.checkpoint_every}; use 1 or more",
+            ),
+            (
+                t.max_checkpoints_to_keep >= 1,
+                f"training.max_checkpoints_to_keep={t.max_checkpoints_to_keep}; use 1 or more",
+            ),
+            (
+                t.sample_every >= 0,
+                f"training.sample_every={t.sample_every}; use >= 0 (0 = at the end)",
+            ),
+            (
+                t.num_grid_samples >= 1,
+                f"training.num_grid_samples={t.num_grid_samples}; use >= 1",
+            ),
+            (
+                t.max_consecutive_nonfinite >= 1,
+                f"training.max_consecutive_nonfinite={t.max_consecutive_nonfinite}; use 1 or more",
+            ),
+            (
+                t.debug_sleep_after_save >= 0,
+                f"training.debug_sleep_after_save={t.debug_sleep_after_save}; use >= 0",
+            ),
+        ]
+    )
+    _check_divides("training.batch_size", t.batch_size, num_devices)
+
+
+def check_sampling(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """`sampling.*`: the sampler options (`samplers.SamplerSpec`), counts, guidance."""
+    s, m, d = config.sampling, config.model, config.diffusion
+    _check_all(
+        [
+            (s.num_samples >= 1, f"sampling.num_samples={s.num_samples}; use 1 or more"),
+            (s.guidance_scale >= 0, f"sampling.guidance_scale={s.guidance_scale}; use >= 0"),
+        ]
+    )
+    if s.guidance_scale != 1.0 and m.class_conditional and d.label_dropout == 0:
+        raise ConfigError(
+            "sampling.guidance_scale needs an unconditional model too: train with "
+            "diffusion.label_dropout > 0 (e.g. 0.1), or leave guidance_scale=1.0"
+        )
+    if s.guidance_scale != 1.0 and not m.class_conditional:
+        raise ConfigError(
+            "sampling.guidance_scale needs a class-conditional model; set "
+            "model.class_conditional=True when training, or leave guidance_scale=1.0"
+        )
+    spec = samplers.SamplerSpec.from_config(config)
+    _reraise(
+        lambda: spec.validate(
+            schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+        )
+    )
+    _check_divides("sampling.batch_size", s.batch_size, num_devices)
+
+
+# The sections every mode that builds the model checks.
+MODEL_VALIDATORS: tuple[Validator, ...] = (check_model, check_diffusion)
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+    """The checks of a training run: model, diffusion, training and sampling sections (the
+    sampling section draws the training grids). Other modes compose their own list."""
+    validate(config, num_devices, (*MODEL_VALIDATORS, check_training, check_sampling))
+
+
+def validate_against_dataset(config: ml_collections.ConfigDict, num_classes: int | None) -> None:
+    """The checks that need the dataset's description (after it is found, before compiling)."""
+    if config.model.class_conditional and not num_classes:
+        raise ConfigError(
+            f"model.class_conditional=True needs a labelled dataset; {config.data.name!r} has no "
+            "labels: set model.class_conditional=False"
+        )
+    label = config.sampling.label
+    if label >= 0 and not config.model.class_conditional:
+        raise ConfigError(
+            f"sampling.label={label} needs a class-conditional model; leave sampling.label=-1 "
+            "or train with model.class_conditional=True"
+        )
+    if config.model.class_conditional and not -1 <= label < (num_classes or 0):
+        raise ConfigError(
+            f"sampling.label={label} is not a class of {config.data.name!r}; use -1 (all "
+            f"classes in turn) or 0..{(num_classes or 0) - 1}"
+        )
+
+
+# Keys that fix the shapes of the saved state or the meaning of its parameters: resuming a run
+# with any of them changed would fail to restore, or silently train a different model.
+RESUME_LOCKED_KEYS = (
+    "model",
+    "data.name",
+    "data.image_size",
+    "diffusion.schedule",
+    "diffusion.num_timesteps",
+    "diffusion.prediction",
+)
+# How the same parameters are computed, not what they are: free to change on resume.
+RESUME_FREE_KEYS = ("model.remat",)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def locked_key_changes(
+    saved: Mapping[str, Any], config: ml_collections.ConfigDict
+) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each `RESUME_LOCKED_KEYS` entry that differs.
+
+    saved: a run's `config.json` as loaded by `json`; `config` is compared in the same JSON form
+    (tuples as lists), so an unchanged value never counts as a change.
+    """
+    old = _flatten(saved)
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    changes = []
+    # Keys in only one of the two (added to the configs since the run was saved) are not
+    # changes: refusing them would lock every existing workdir out after a new key is added.
+    for key in sorted(set(old) & set(new)):
+        locked = any(key == k or key.startswith(k + ".") for k in RESUME_LOCKED_KEYS)
+        if locked and key not in RESUME_FREE_KEYS:
+            if old[key] != new[key]:
+                changes.append((key, old[key], new[key]))
+    return changes
+
+
+def check_resume_compatible(
+    saved: Mapping[str, Any], config: ml_collections.ConfigDict, *, workdir: str
+) -> None:
+    """Raise `ConfigError` naming the keys (and the override flag) when `config` changes a
+    `RESUME_LOCKED_KEYS` value of the run saved in `workdir`."""
+    changes = locked_key_changes(saved, config)
+    if changes:
+        diff = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+        raise ConfigError(
+            f"--workdir={workdir} holds checkpoints of a run with a different config ({diff}); "
+            "use a new --workdir, or pass --allow_config_change to use the new config anyway"
+        )
+
+
+def check_workdir_writable(workdir: str) -> None:
+    """Raise `ConfigError` unless `workdir` exists (or can be created) and accepts a file."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check"):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(
+            f"--workdir={workdir} is not writable ({reason}); choose a directory you can write to"
+        ) from None
+
+
+def _check_divides(key: str, value: int, num_devices: int) -> None:
+    if value < 1 or value % num_devices:
+        raise ConfigError(
+            f"{key}={value} does not divide over {num_devices} devices; "
+            f"use a positive multiple of {num_devices}"
+        )
+
+
+def _check_all(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _reraise(check: Callable[[], Any]) -> None:
+    try:
+        check()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_resume(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+) -> list[tuple[str, Any, Any]]:
+    """Refuse (`ConfigError`) a config that changes a `RESUME_LOCKED_KEYS` value of the run
+    saved in `workdir` unless `allow_config_change`; returns the allowed changes (to warn about).
+    A workdir without checkpoints or without a readable config.json has nothing to compare."""
+    saved = workdir_lib.read_config_json(workdir)
+    if not workdir_lib.finished_steps(workdir) or saved is None:
+        return []
+    if not allow_config_change:
+        check_resume_compatible(saved, config, workdir=workdir)
+        return []
+    return locked_key_changes(saved, config)

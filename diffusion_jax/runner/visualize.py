@@ -1,0 +1,71 @@
+"""`--mode=visualize`: pictures of the forward and reverse processes of a trained run.
+
+visualize_mode(config, workdir)  workdir/visualize/forward_strip.png, reverse_<...>.{png,gif}
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from diffusion_jax import images, visualize
+from diffusion_jax.runner import generate
+from diffusion_jax.runner import workdir as workdir_lib
+from diffusion_jax.runner.edit import load_for_edit, source_images
+
+# Columns of the forward strip: this many timesteps evenly spaced over [0, T - 1].
+FORWARD_STRIP_COLUMNS = 10
+# Columns of the reverse strip: this many evenly spaced model evaluations.
+REVERSE_STRIP_COLUMNS = 10
+
+
+def visualize_mode(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> list[str]:
+    """Pictures of the forward and reverse processes of the run in `workdir`.
+
+    visualize/forward_strip.png: the first edit.num_images images of edit.split noised to
+    FORWARD_STRIP_COLUMNS timesteps evenly spaced over [0, T - 1] (one row each).
+    visualize/reverse_<sampler><steps>_seed<seed>.png: edit.num_images samples drawn with
+    config.sampling, rows x_t / x0 prediction at REVERSE_STRIP_COLUMNS evenly spaced model
+    evaluations; .gif: one frame per model evaluation (x_t above, x0 prediction below).
+    Class-conditional models sample the labels of `generate.sample_labels`.
+    Returns [forward png, reverse png, reverse gif].
+    """
+    run = load_for_edit(config, workdir, allow_config_change)
+    x0, _ = source_images(config)
+    spec = run.sampler_spec()
+    rng = jax.random.PRNGKey(config.edit.seed)
+    num_t = run.schedule.num_timesteps
+    timesteps = visualize.evenly_spaced(num_t, FORWARD_STRIP_COLUMNS)
+    forward = visualize.forward_strip(run.schedule, x0, timesteps, jax.random.fold_in(rng, 1))
+
+    num = config.edit.num_images
+    labels = None
+    if run.num_classes is not None:
+        labels = generate.sample_labels(np.arange(num), config.sampling, run.num_classes)
+    frames = visualize.reverse_frames(
+        run.model_fn(), run.schedule, (num, *x0.shape[1:]), rng, labels=labels, **spec.kwargs()
+    )
+    out_dir = os.path.join(workdir, "visualize")
+    name = f"reverse_{spec.tag}_seed{config.edit.seed}"
+    paths = [
+        os.path.join(out_dir, "forward_strip.png"),
+        os.path.join(out_dir, name + ".png"),
+        os.path.join(out_dir, name + ".gif"),
+    ]
+    if workdir_lib.is_chief():
+        os.makedirs(out_dir, exist_ok=True)
+        images.save_png(paths[0], forward, scale=_scale(forward))
+        strip = visualize.trajectory_strip(frames, num_columns=REVERSE_STRIP_COLUMNS)
+        images.save_png(paths[1], strip, scale=_scale(strip))
+        visualize.save_gif(paths[2], visualize.gif_frames(frames))
+    return paths
+
+
+def _scale(image: np.ndarray) -> int:
+    """Nearest-neighbour enlargement that brings the longer side to about 512 pixels."""
+    return max(1, 512 // max(image.shape[:2]))

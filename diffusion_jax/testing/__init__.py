@@ -1,0 +1,1 @@
+"""Helpers that tests, benchmarks and users check the library against."""
