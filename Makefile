@@ -47,6 +47,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy diffusion_jax
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff check --fix .
