@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import jax
 import ml_collections
+from jax.sharding import Mesh
 
 from diffusion_jax import checkpointing, parallel, samplers, schedules, train_state
 from diffusion_jax.data import pipeline
@@ -97,20 +98,16 @@ class ModelSetup:
         return samplers.SamplerSpec.from_config(self.config, self.num_classes)
 
     def train_step(self) -> Any:
-        """The jitted `train_step(state, batch) -> (state, metrics)` of the training loop: state
-        replicated on the mesh, batch sharded over it, the old state's buffers donated."""
-        step = train_state.make_train_step(
-            self.model,
-            self.schedule,
-            self.optimizer,
-            self.config.diffusion,
-            self.config.training.ema_decay,
-        )
-        return jax.jit(
-            step,
-            in_shardings=(self.replicated, parallel.batch_sharding(self.mesh)),
-            out_shardings=(self.replicated, self.replicated),
-            donate_argnums=0,
+        """The training loop's jitted step for this config; see `jit_train_step`."""
+        return jit_train_step(
+            train_state.make_train_step(
+                self.model,
+                self.schedule,
+                self.optimizer,
+                self.config.diffusion,
+                self.config.training.ema_decay,
+            ),
+            self.mesh,
         )
 
     def sample_fn(self, batch_size: int, spec: samplers.SamplerSpec | None = None) -> Any:
@@ -135,3 +132,16 @@ class ModelSetup:
             sampling_config=self.config.sampling,
             num_classes=self.num_classes,
         )
+
+
+def jit_train_step(step: Any, mesh: Mesh) -> Any:
+    """`train_state.make_train_step(...)` jitted as the training loop runs it: the state
+    replicated on `mesh`, the batch sharded over it, the old state's buffers donated. Tests and
+    benchmarks use this too, so they measure the step that trains."""
+    replicated = parallel.replicated_sharding(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(replicated, parallel.batch_sharding(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
