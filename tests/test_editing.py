@@ -348,7 +348,7 @@ def test_bad_edit_config_is_one_line_naming_the_key(edit: dict[str, Any], match:
 
     config = _edit_config(digits.get_config(), **edit)
     with pytest.raises(ConfigError, match=match) as info:
-        edit_mode.validate_edit_config(config)
+        edit_mode.check_edit(config, 1)
     assert "\n" not in str(info.value)
 
 
@@ -357,6 +357,4 @@ def test_edit_modes_reject_a_bad_config_before_loading(tmp_path: Any) -> None:
 
     config = _edit_config(digits.get_config(), mask="diagonal")
     with pytest.raises(ConfigError, match=r"edit\.mask"):
-        edit_mode.run_mode("inpaint", config, str(tmp_path / "nothing_here"))
-    with pytest.raises(ValueError, match="unknown edit mode 'paint'"):
-        edit_mode.run_mode("paint", config, str(tmp_path))
+        edit_mode.inpaint_mode(config, str(tmp_path / "nothing_here"))
