@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # FID against the train split (Ho et al. report FID 3.17 with 50k samples).
     config.eval.feature_network = "inception"
-    config.eval.inception_weights = "inception_fid.npz"  # see README: Evaluation
+    config.eval.inception_weights = "inception_fid.npz"  # see docs/evaluation.md
     config.eval.metrics = ("fd", "is", "precision_recall")
     config.eval.num_samples = 50_000
     config.eval.batch_size = 256
