@@ -17,6 +17,7 @@ only on (rng, sample id, input, options), not on the batch it is computed in.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,9 @@ import numpy as np
 
 from diffusion_jax import diffusion, samplers
 from diffusion_jax.guidance import conditioned_model
+from diffusion_jax.samplers import ddpm
+from diffusion_jax.samplers.denoise import Denoiser
+from diffusion_jax.samplers.noise import Noise, resolve_sample_ids
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.values import is_int, is_real
 
@@ -36,6 +40,8 @@ MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center")
 
 # `samplers.sample` arguments that sdedit sets itself.
 _SDEDIT_OWNED = ("x_init", "start_timestep", "return_trajectory", "shape")
+# The sampler options `samplers.validate_sampler_args` checks besides those sdedit names.
+_VALIDATED = ("timestep_spacing", *(f.name for f in dataclasses.fields(samplers.SamplerOptions)))
 
 
 def _check_images(x0: Any) -> tuple[int, ...]:
@@ -43,26 +49,6 @@ def _check_images(x0: Any) -> tuple[int, ...]:
     if len(shape) < 2 or not all(d >= 1 for d in shape):
         raise ValueError(f"x0 must be a batch of images (B, H, W, C); got shape {shape}")
     return shape
-
-
-def _sample_keys(rng: Array, sample_ids: Array) -> Array:
-    """Per-sample keys (B,) fold_in(rng, id), the samplers' convention."""
-    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(sample_ids))
-
-
-def _normal(keys: Array, index: Any, shape: tuple[int, ...], dtype: Any) -> Array:
-    """Per-sample N(0, I) noise (B, *shape) from fold_in(key_i, index)."""
-    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, index), shape, dtype))(
-        keys
-    )
-
-
-def _resolve_sample_ids(sample_ids: Array | None, batch: int) -> Array:
-    if sample_ids is None:
-        return jnp.arange(batch, dtype=jnp.int32)
-    if jnp.shape(sample_ids) != (batch,):
-        raise ValueError(f"sample_ids must have shape ({batch},); got {jnp.shape(sample_ids)}")
-    return jnp.asarray(sample_ids)
 
 
 def sdedit_timestep(num_timesteps: int, strength: float) -> int:
@@ -113,18 +99,14 @@ def sdedit(
         num_steps=num_steps,
         num_timesteps=sch.num_timesteps,
         prediction=prediction,
-        **{
-            k: v
-            for k, v in sampler_options.items()
-            if k in ("eta", "timestep_spacing", "variance", "temperature", "learn_sigma")
-        },
+        **{k: v for k, v in sampler_options.items() if k in _VALIDATED},
     )
     dtype = diffusion.float_dtype()
     x0 = jnp.asarray(x0, dtype)
-    ids = _resolve_sample_ids(sample_ids, shape[0])
+    ids = resolve_sample_ids(sample_ids, shape[0])
     if t_start == 0:
         return x0
-    noise = _normal(_sample_keys(rng, ids), 0, shape[1:], dtype)
+    noise = Noise.for_samples(rng, ids, shape, dtype)(0)
     x_start = diffusion.q_sample(sch, x0, jnp.full((shape[0],), t_start, jnp.int32), noise)
     return jnp.asarray(
         samplers.sample(
@@ -280,70 +262,56 @@ def inpaint(
     _check_mask(mask, shape)
     step, jump_from = repaint_schedule(num_steps, resample_steps, jump_length)
     net = conditioned_model(model_fn, labels, guidance_scale, num_classes, batch)
-    ids = _resolve_sample_ids(sample_ids, batch)
+    ids = resolve_sample_ids(sample_ids, batch)
 
-    # Per-move coefficients in float64 numpy; state N (the output) has ab = 1.
+    # Per-move coefficients in float64 numpy; state N (the output) has ab = 1. The reverse
+    # step k -> k + 1 is the ddpm sampler's on the same chain.
     timesteps = samplers.get_timesteps(sch.num_timesteps, num_steps, timestep_spacing)
-    ab_states = np.concatenate([np.asarray(sch.alphas_cumprod, np.float64)[timesteps], [1.0]])
-    ab, ab_next, ab_jump = ab_states[step], ab_states[step + 1], ab_states[jump_from]
-    jump_ratio = ab / ab_jump  # q(x_{tau_k} | x_{tau_e}) = N(sqrt(r) x, (1 - r) I)
-    beta = 1.0 - ab / ab_next  # respaced beta'_k of the reverse step k -> k + 1
-    c_x0 = beta * np.sqrt(ab_next) / (1.0 - ab)
-    c_xt = (1.0 - ab_next) * np.sqrt(1.0 - beta) / (1.0 - ab)
-    var = beta if variance == "fixed_large" else beta * (1.0 - ab_next) / (1.0 - ab)
-    # No noise on the step into the output (Ho et al.'s mask at t = 0).
-    std = np.where(step + 1 == num_steps, 0.0, np.sqrt(var))
-    # 'learned_range' bounds: log posterior variance (0 on the last step: clipped to the step
-    # before's, or to log beta' when N = 1) and log beta'_k.
-    ab_chain = ab_states[:num_steps]
-    beta_chain = 1.0 - ab_chain / ab_states[1:]
-    post_chain = beta_chain * (1.0 - ab_states[1:]) / (1.0 - ab_chain)
-    post_chain[-1] = post_chain[-2] if num_steps > 1 else beta_chain[-1]
-    min_log, max_log = np.log(post_chain)[step], np.log(beta_chain)[step]
+    ab_chain = np.asarray(sch.alphas_cumprod, np.float64)[timesteps]
+    ab_states = np.concatenate([ab_chain, [1.0]])
+    ab_next, ab_jump = ab_states[step + 1], ab_states[jump_from]
+    jump_ratio = ab_states[step] / ab_jump  # q(x_{tau_k} | x_{tau_e}) = N(sqrt(r) x, (1 - r) I)
+    reverse = (
+        *ddpm.posterior_coefficients(ab_chain, variance),
+        *ddpm.learned_range_bounds(ab_chain),
+    )
     per_move = (
         np.sqrt(jump_ratio),
         np.sqrt(1.0 - jump_ratio),
-        c_x0,
-        c_xt,
-        std,
+        *(c[step] for c in reverse),
         np.sqrt(ab_next),
         np.sqrt(1.0 - ab_next),
-        min_log,
-        max_log,
     )
 
     dtype = diffusion.float_dtype()
     x0 = jnp.asarray(x0, dtype)
     keep = jnp.broadcast_to(jnp.asarray(mask, dtype), shape)
-    keys = _sample_keys(rng, ids)
-
-    def normal(index: Any) -> Array:
-        return _normal(keys, index, shape[1:], dtype)
+    normal = Noise.for_samples(rng, ids, shape, dtype)
+    denoise = Denoiser(
+        net=net,
+        sch=sch,
+        shape=shape,
+        prediction=prediction,
+        clip_x0=clip_x0,
+        learn_sigma=learn_sigma,
+        dtype=dtype,
+    )
 
     def bcast(c: Array) -> Array:
         return c.reshape((1,) * len(shape))
 
-    out_shape = (*shape[:-1], 2 * shape[-1]) if learn_sigma else shape
-
     def body(x: Array, xs: tuple[Array, ...]) -> tuple[Array, None]:
-        m, t_step, a_jump, s_jump, a0, at, s, a_known, s_known, lo, hi = xs
+        m, t_step, a_jump, s_jump, a0, at, s, lo, hi, a_known, s_known = xs
         x = bcast(a_jump) * x + bcast(s_jump) * normal(3 * m + 2)
-        t = jnp.full((batch,), t_step, jnp.int32)
-        out = net(x, t)
-        if out.shape != out_shape:
-            hint = " (a learned-variance model needs learn_sigma=True)" if not learn_sigma else ""
-            raise ValueError(f"model_fn returned shape {out.shape}; expected {out_shape}{hint}")
-        out = out.astype(dtype)
-        std = bcast(s)
-        if learn_sigma:
-            out, var_values = diffusion.split_learned_variance(out)
-            if variance == "learned_range":
-                _, log_var = diffusion.learned_range_log_variance(bcast(lo), bcast(hi), var_values)
-                std = jnp.where(s > 0, jnp.exp(0.5 * log_var), 0.0)
-        x0_pred, _ = diffusion.model_output_to_x0_eps(sch, x, t, out, prediction)
-        if clip_x0:
-            x0_pred = jnp.clip(x0_pred, -1.0, 1.0)
-        unknown = bcast(a0) * x0_pred + bcast(at) * x + std * temperature * normal(3 * m + 3)
+        unknown, _ = ddpm.reverse_step(
+            denoise,
+            x,
+            t_step,
+            (bcast(a0), bcast(at), bcast(s), bcast(lo), bcast(hi)),
+            normal(3 * m + 3),
+            learned=variance == "learned_range",
+            temperature=temperature,
+        )
         known = bcast(a_known) * x0 + bcast(s_known) * normal(3 * m + 4)
         return (keep * known + (1.0 - keep) * unknown).astype(dtype), None
 

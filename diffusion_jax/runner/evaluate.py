@@ -60,25 +60,14 @@ FEATURE_NETWORKS = ("digits", "inception")
 
 def eval_name(config: ml_collections.ConfigDict) -> str:
     """`eval.name`, else e.g. 'ddim50_eta0.5_g2_seed0_n1000': every setting that changes the
-    samples is in the name, so two evals never share shards."""
+    samples is in the name (the sampler's through `SamplerSpec.name`), so two evals never share
+    shards."""
     if config.eval.name:
         return workdir_lib.output_name(str(config.eval.name), "eval.name")
     s = config.sampling
-    parts = [samplers.SamplerSpec.from_config(config).tag]
-    if s.sampler == "ddim" and s.eta:
-        parts.append(f"eta{s.eta:g}")
-    if s.sampler == "ddpm" and s.variance != "fixed_small":
-        parts.append(s.variance)
-    if s.timestep_spacing != "linspace":
-        parts.append(s.timestep_spacing)
-    if s.guidance_scale != 1.0:
-        parts.append(f"g{s.guidance_scale:g}")
+    parts = [samplers.SamplerSpec.from_config(config).name()]  # every sampler setting
     if s.label >= 0:
         parts.append(f"label{s.label}")
-    if s.temperature != 1.0:
-        parts.append(f"temp{s.temperature:g}")
-    if not s.clip_x0:
-        parts.append("noclip")
     parts += [f"seed{s.seed}", f"n{config.eval.num_samples}"]
     return "_".join(parts)
 

@@ -1,0 +1,164 @@
+"""`sample`: checks the arguments, builds the model, noise and timesteps every sampler shares,
+looks the sampler up in the registry and runs its scan."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import diffusion
+from diffusion_jax.guidance import conditioned_model
+from diffusion_jax.samplers import registry
+from diffusion_jax.samplers.base import Chain, SamplerOptions
+from diffusion_jax.samplers.checks import validate_sampler_args
+from diffusion_jax.samplers.denoise import Denoiser
+from diffusion_jax.samplers.noise import Noise, resolve_sample_ids
+from diffusion_jax.samplers.spacing import get_timesteps
+from diffusion_jax.schedules import Schedule
+from diffusion_jax.values import is_int
+
+Array = jax.Array
+
+
+class Trajectory(NamedTuple):
+    """What the model saw at each of the K evaluations of a sampler (K = N, or 2N - 1 for heun:
+    its `num_evaluations(N)`).
+
+    timesteps: int32 (K,); x_t: (K, B, ...) model inputs; x0_pred: (K, B, ...) x0 predictions
+    (after clipping).
+    """
+
+    timesteps: Array
+    x_t: Array
+    x0_pred: Array
+
+
+def sample(
+    model_fn: Callable[..., Array],
+    sch: Schedule,
+    shape: tuple[int, ...],
+    rng: Array,
+    *,
+    sampler: str = "ddim",
+    num_steps: int = 50,
+    eta: float = 0.0,
+    prediction: str = "eps",
+    clip_x0: bool = True,
+    temperature: Any = 1.0,
+    timestep_spacing: str = "linspace",
+    variance: str = "fixed_small",
+    labels: Array | None = None,
+    guidance_scale: Any = 1.0,
+    num_classes: int | None = None,
+    sample_ids: Array | None = None,
+    x_init: Array | None = None,
+    return_trajectory: bool = False,
+    lower_order_final: bool = True,
+    start_timestep: int | None = None,
+    learn_sigma: bool = False,
+) -> Any:
+    """Draw samples (B, ...) = `shape` from the model; see the package docstring.
+
+    model_fn(x_t (B, ...), t int32 (B,)) -> output of type `prediction`; with `labels` (B,) int
+    it is called as model_fn(x_t, t, labels). guidance_scale != 1 applies classifier-free
+    guidance with the null label `num_classes` (then required); a scalar or (B,).
+    clip_x0 clips every x0 prediction to [-1, 1]. temperature scales the noise injected by
+    ddpm and ddim with eta > 0 (not x_T). variance: ddpm only; 'learned_range' needs
+    learn_sigma and interpolates each step's log-variance between the respaced chain's clipped
+    posterior variance and beta'_k (Improved DDPM). eta: ddim only.
+    learn_sigma: model_fn returns (B, ..., 2C), the prediction then the variance values
+    (`diffusion.split_learned_variance`); every sampler uses the first C channels, ddpm with
+    'learned_range' also the last C (with guidance, their guided combination).
+    sample_ids: (B,) int, default arange(B); see the package docstring.
+    x_init: (B, ...) start at t = timesteps[0] instead of x_T ~ N(0, I) (e.g. to interpolate
+    between starting points of the deterministic samplers); injected noise is unchanged.
+    lower_order_final: dpm_solver++ only; True takes the last update (onto t = 0) at first
+    order (the DDIM step), much more accurate with few steps; False is pure 2M (second order
+    on every step but the first). With num_steps = 3 and True, dpm_solver++ equals ddim.
+    start_timestep: start the chain at this t (0..T-1) instead of T - 1, with the timesteps
+    spaced over [start_timestep, 0] (SDEdit: pass x_init = q_sample(x0, start_timestep));
+    needs num_steps <= start_timestep + 1.
+    Static (Python) arguments: shape, sampler, num_steps, eta, prediction, clip_x0,
+    timestep_spacing, variance, num_classes, return_trajectory, lower_order_final,
+    start_timestep, learn_sigma.
+
+    Returns x0 samples (B, ...) in JAX's default float dtype (float32 unless x64 is enabled),
+    and with return_trajectory also a `Trajectory`.
+    Raises ValueError (before tracing the model) for bad options, naming the allowed values.
+    """
+    num_timesteps = sch.num_timesteps
+    validate_sampler_args(
+        sampler=sampler,
+        num_steps=num_steps,
+        num_timesteps=num_timesteps,
+        eta=eta,
+        prediction=prediction,
+        timestep_spacing=timestep_spacing,
+        variance=variance,
+        temperature=temperature,
+        learn_sigma=learn_sigma,
+        lower_order_final=lower_order_final,
+    )
+    shape = tuple(shape)
+    if not shape or not all(is_int(d) and d >= 1 for d in shape):
+        raise ValueError(f"shape must be a tuple of positive ints (B, ...); got {shape!r}")
+    batch = shape[0]
+    net = conditioned_model(model_fn, labels, guidance_scale, num_classes, batch)
+    sample_ids = resolve_sample_ids(sample_ids, batch)
+    if x_init is not None and jnp.shape(x_init) != shape:
+        raise ValueError(f"x_init must have shape {shape}; got {jnp.shape(x_init)}")
+    if start_timestep is not None:
+        if not is_int(start_timestep) or not 0 <= start_timestep < num_timesteps:
+            raise ValueError(
+                f"start_timestep must be an integer in [0, {num_timesteps - 1}]; "
+                f"got {start_timestep!r}"
+            )
+        if num_steps > start_timestep + 1:
+            raise ValueError(
+                f"num_steps={num_steps} exceeds the {start_timestep + 1} timesteps from "
+                f"start_timestep={start_timestep} to 0; lower num_steps"
+            )
+
+    dtype = diffusion.float_dtype()
+    # A chain started at t_start is spaced like a schedule of t_start + 1 steps.
+    chain_length = num_timesteps if start_timestep is None else start_timestep + 1
+    timesteps = get_timesteps(chain_length, num_steps, timestep_spacing)
+    noise = Noise.for_samples(rng, sample_ids, shape, dtype)
+    chain = Chain(
+        timesteps=timesteps,
+        # float64 numpy for a schedule closed over; a jax array when the schedule is traced.
+        alphas_cumprod=sch.alphas_cumprod[timesteps],
+        x_init=noise(0) if x_init is None else jnp.asarray(x_init, dtype),
+        denoise=Denoiser(
+            net=net,
+            sch=sch,
+            shape=shape,
+            prediction=prediction,
+            clip_x0=clip_x0,
+            learn_sigma=learn_sigma,
+            dtype=dtype,
+        ),
+        noise=noise,
+        options=SamplerOptions(
+            eta=eta,
+            variance=variance,
+            lower_order_final=lower_order_final,
+            temperature=temperature,
+            learn_sigma=learn_sigma,
+        ),
+    )
+    scan = registry.get_sampler(sampler).build(chain)
+
+    def body(carry: Any, xs: Any) -> tuple[Any, Any]:
+        carry, seen = scan.body(carry, xs)
+        return carry, (seen if return_trajectory else None)
+
+    carry, ys = jax.lax.scan(body, scan.init, scan.xs)
+    out = scan.result(carry).astype(dtype)
+    if return_trajectory:
+        eval_ts = jnp.asarray(scan.eval_timesteps, jnp.int32)
+        return out, Trajectory(timesteps=eval_ts, x_t=ys[0], x0_pred=ys[1])
+    return out
