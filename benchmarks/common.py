@@ -1,54 +1,26 @@
-"""Shared helpers of the benchmark scripts: timing, XLA cost/memory analysis, environment info.
-
-Not a test module. The machine's speed drifts under outside load, so every comparison in these
-scripts is taken as a ratio of numbers measured in one run, alternating the things compared.
+"""What the benchmarks report besides times: XLA's FLOPs and buffer sizes, peak memory, the
+measured matmul ceiling, the environment, and JSON lines. Timing is `benchmarks.timing`, peaks
+for MFU `benchmarks.peaks`, the models and train step `benchmarks.cases`.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from benchmarks import timing
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Runnable as `python benchmarks/<script>.py` from a checkout without installing.
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-# Nominal peaks used for MFU. CPU: the issue's figure for this 2-core machine (float32, FMA);
-# each run also measures a large matmul (`measure_matmul_gflops`) as the practical ceiling.
-CPU_F32_PEAK_GFLOPS = 190.0
-H100_BF16_DENSE_PEAK_GFLOPS = 989_000.0
-H100_F32_PEAK_GFLOPS = 67_000.0  # non-tensor-core FP32, SXM
-
-
-def timings(fn: Callable[[], Any], *, warmup: int, repeats: int) -> list[float]:
-    """Wall times (s) of `repeats` calls of `fn` after `warmup` untimed ones; `fn` must block."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def summarize(times: list[float]) -> dict[str, float]:
-    """Median / min / max of a list of wall times, rounded for the JSON lines."""
-    return {
-        "median_s": round(statistics.median(times), 5),
-        "min_s": round(min(times), 5),
-        "max_s": round(max(times), 5),
-        "repeats": len(times),
-    }
+RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 
 def compiled_flops(compiled: Any) -> float | None:
@@ -128,20 +100,8 @@ def measure_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(jnp.matmul)
-    times = timings(lambda: f(a, b).block_until_ready(), warmup=2, repeats=repeats)
+    times = timing.timings(lambda: f(a, b), warmup=2, repeats=repeats)
     return 2.0 * n**3 / statistics.median(times) / 1e9
-
-
-def peak_gflops(dtype: str) -> tuple[float, str]:
-    """(nominal peak GFLOP/s, its description) for MFU on the current backend and dtype."""
-    import jax
-
-    kind = jax.devices()[0].device_kind
-    if jax.default_backend() == "gpu" and "H100" in kind:
-        if dtype == "bfloat16":
-            return H100_BF16_DENSE_PEAK_GFLOPS, "H100 bf16 dense 989 TFLOP/s"
-        return H100_F32_PEAK_GFLOPS, "H100 f32 (no tensor cores) 67 TFLOP/s"
-    return CPU_F32_PEAK_GFLOPS, "CPU f32 190 GFLOP/s (issue #8, 2 cores)"
 
 
 def environment() -> dict[str, Any]:
@@ -167,3 +127,34 @@ def write_jsonl(path: str | None, record: dict[str, Any]) -> None:
     if path:
         with open(path, "a") as f:
             f.write(line + "\n")
+
+
+def output_stem(out: str, name: str) -> str:
+    """`<out>/<today>[-<name>]` (no extension), the directory created and a previous run's
+    `.jsonl` of the same day removed: each run rewrites its files, `write_jsonl` appends."""
+    os.makedirs(out, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    stem = os.path.join(out, f"{date}-{name}" if name else date)
+    if os.path.exists(stem + ".jsonl"):
+        os.remove(stem + ".jsonl")
+    return stem
+
+
+def argument_parser(file: str, doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark module's parser: usage as `python -m benchmarks.<module>`, and the module's
+    docstring (its usage and what it measures) as the --help text."""
+    name = os.path.splitext(os.path.basename(file))[0]
+    return argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def write_markdown(stem: str, lines: list[str], *, echo: bool = True) -> None:
+    """Writes `<stem>.md` (rewritten each run) and prints it (`echo`)."""
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    if echo:
+        print(text, end="", flush=True)

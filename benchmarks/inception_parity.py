@@ -6,15 +6,15 @@ not depend on. From the repository root, in two environments:
     # 1. torch side, in a venv outside the repo:
     #    python3 -m venv /tmp/torch_fid
     #    /tmp/torch_fid/bin/pip install torch==2.14.1 torchvision==0.29.1 pytorch-fid numpy
-    /tmp/torch_fid/bin/python benchmarks/inception_parity.py reference
+    /tmp/torch_fid/bin/python -m benchmarks.inception_parity reference
     # 2. JAX side, in the project's venv:
-    .venv/bin/python benchmarks/inception_parity.py compare
+    .venv/bin/python -m benchmarks.inception_parity compare
 
 Both take --workdir (default /tmp/inception_parity) and write their files there.
 
 Step 1 builds pytorch-fid's FID InceptionV3 (torchvision Inception3 with pytorch-fid's FID
 blocks, 1008 classes, no aux head) with seeded random weights and BatchNorm statistics, saves
-its state_dict as WORKDIR/reference.pth, converts it with experiments/convert_inception_weights.py
+its state_dict as WORKDIR/reference.pth, converts it with experiments.convert_inception_weights
 and writes fixed random uint8 images and the torch outputs (pool3 features, logits; float32,
 and float64 as the float32 noise floor) to WORKDIR. Step 2 runs InceptionFeatures on the same
 images and prints one JSON line per image set with the max abs and relative (max abs / max
@@ -23,7 +23,7 @@ images and prints one JSON line per image set with the max abs and relative (max
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import common
 
 # (name, batch, height, width, channels): upsampling (CIFAR-like), grayscale (digits-like),
 # non-square downsampling, and the native size (no resize).
@@ -107,6 +107,14 @@ def _torch_forward(net: Any, images: np.ndarray, dtype: Any) -> tuple[np.ndarray
 
 
 def reference(workdir: str, seed: int) -> None:
+    missing = [
+        m for m in ("torch", "torchvision", "pytorch_fid") if not importlib.util.find_spec(m)
+    ]
+    if missing:
+        sys.exit(
+            f"benchmarks.inception_parity reference needs torch, torchvision and pytorch-fid; "
+            f"{', '.join(missing)} not installed in {sys.executable}'s environment (see --help)."
+        )
     import torch
 
     os.makedirs(workdir, exist_ok=True)
@@ -123,9 +131,18 @@ def reference(workdir: str, seed: int) -> None:
             expected[f"{name}/{tag}/logits"] = logits
         net.float()
     np.savez(os.path.join(workdir, "expected.npz"), **expected)
-    converter = os.path.join(REPO, "experiments", "convert_inception_weights.py")
     npz = os.path.join(workdir, "weights.npz")
-    subprocess.run([sys.executable, converter, f"--input={pth}", f"--output={npz}"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.convert_inception_weights",
+            f"--input={pth}",
+            f"--output={npz}",
+        ],
+        cwd=common.REPO,
+        check=True,
+    )
     print(f"torch {torch.__version__}: wrote {pth}, {npz}, images.npz, expected.npz")
 
 
@@ -135,7 +152,8 @@ def _diff(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 
 def compare(workdir: str, batch_size: int) -> None:
-    sys.path.insert(0, REPO)
+    if not os.path.isfile(os.path.join(workdir, "expected.npz")):
+        sys.exit(f"no {workdir}/expected.npz: run the reference step first (see --help).")
     import jax
 
     from diffusion_jax.evaluation.inception import InceptionFeatures
@@ -159,13 +177,13 @@ def compare(workdir: str, batch_size: int) -> None:
         json.dump(results, f, indent=1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = common.argument_parser(__file__, __doc__)
     parser.add_argument("step", choices=["reference", "compare"])
     parser.add_argument("--workdir", default="/tmp/inception_parity")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=2, help="InceptionFeatures batch")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.step == "reference":
         reference(args.workdir, args.seed)
     else:

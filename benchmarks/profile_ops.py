@@ -1,36 +1,37 @@
-"""Where the time goes in the CIFAR-10 U-Net on CPU: convolutions vs matmuls vs the rest.
+"""Where the time goes in the U-Net on CPU: convolutions vs matmuls vs the rest.
 
-Usage: python benchmarks/profile_ops.py [--batch-size 8] [--mode forward|train]
+Usage: python -m benchmarks.profile_ops [--batch-size 8] [--mode forward|train]
+           [--config cifar10|digits]
            [--torch-python=/tmp/bench_torch/bin/python] [--out=benchmarks/results]
 
 Takes every `conv_general_dilated` and `dot_general` of the traced program (the eval-mode
-forward, or the whole train step with its backward convolutions), groups identical ones, times
+forward, or the whole train step as training jits it, with its backward convolutions), groups
+identical ones, times
 each group's op alone in a jit (median of 5 after warm-up) and multiplies by its count. The sum
 against the whole program's time (measured in the same run) splits it into conv / matmul /
 everything else (GroupNorm, swish, adds, concatenations, the optimizer, ...); XLA's FLOPs per op
 give each group's GFLOP/s. With --torch-python the same forward convolutions (NCHW) are timed
 in PyTorch in a subprocess, alternating with the JAX timings, and torch's profiler splits the
-diffusers model's forward by op, so the two frameworks' convolution throughput can be compared.
+diffusers model's forward (`benchmarks.torch_peer`) by op, so the two frameworks' convolution
+throughput can be compared.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import datetime
 import json
-import os
 import statistics
-import subprocess
-import sys
 from typing import Any
 
-import common  # first: puts the repository on sys.path
+from benchmarks import common, timing, workers
 
+# Run by the torch interpreter in the repository root (so `benchmarks` imports); timing is
+# standard-library only.
 TORCH_SIDE = r"""
-import json, sys, time, statistics
+import json, sys, statistics
 import torch
 import torch.nn.functional as F
+from benchmarks import timing
 specs = json.loads(sys.stdin.read())
 out = []
 for s in specs:
@@ -44,23 +45,17 @@ for s in specs:
         pad = 0 if (ph0, pw0) != (ph1, pw1) else (ph0, pw0)
         with torch.inference_mode():
             F.conv2d(xp, k, stride=tuple(s["strides"]), padding=pad)
-    for _ in range(2):
-        f()
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
-    out.append(statistics.median(ts))
+    out.append(statistics.median(timing.timings(f, warmup=2, repeats=5)))
 print(json.dumps(out))
 """
 
 TORCH_PROFILE = r"""
 import json, sys
-sys.path.insert(0, sys.argv[1])
 import torch
-import torch_peer
-batch = int(sys.argv[2])
-model = torch_peer.build_unet().eval()
-x = torch.randn(batch, 3, 32, 32)
+from benchmarks import torch_peer
+batch, config = int(sys.argv[1]), sys.argv[2]
+model = torch_peer.build_unet(config).eval()
+x = torch.randn(batch, *torch_peer.IMAGE_SHAPES[config])
 t = torch.full((batch,), 500)
 with torch.inference_mode():
     for _ in range(2):
@@ -117,7 +112,7 @@ def time_eqn(eqn: Any) -> tuple[float, float | None]:
     ]
     fn = jax.jit(lambda *a: eqn.primitive.bind(*a, **eqn.params))
     compiled = fn.lower(*args).compile()
-    times = common.timings(lambda: jax.block_until_ready(compiled(*args)), warmup=2, repeats=5)
+    times = timing.timings(lambda: compiled(*args), warmup=2, repeats=5)
     return statistics.median(times), common.compiled_flops(compiled)
 
 
@@ -142,47 +137,39 @@ def conv_spec(eqn: Any) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.argument_parser(__file__, __doc__)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--mode", choices=("forward", "train"), default="forward")
+    parser.add_argument("--config", choices=("cifar10", "digits"), default="cifar10")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--torch-python", default="")
-    parser.add_argument("--out", default=os.path.join(common.REPO, "benchmarks", "results"))
+    parser.add_argument("--out", default=common.RESULTS)
     args = parser.parse_args(argv)
+    if args.torch_python:
+        workers.require_python(args.torch_python, "benchmarks.profile_ops --torch-python")
 
     import jax
-    import jax.numpy as jnp
-    import run as suite
 
-    from diffusion_jax import schedules, train_state
+    from benchmarks import cases
 
     b = args.batch_size
-    config = suite.load_config("cifar10", args.dtype)
-    model = train_state.create_model(config.model, None)
-    shape = suite.image_shape(config)
-    params = suite.random_params(model, shape)
-    x = jax.random.normal(jax.random.key(1), (b, *shape), jnp.float32)
-    t = jnp.full((b,), 500, jnp.int32)
+    config = cases.load_config(args.config, args.dtype)
     if args.mode == "forward":
-        fn = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
+        model = cases.create_model(config)
+        shape = cases.image_shape(config)
+        params = cases.random_params(model, shape)
+        x, _ = cases.random_inputs(b, shape)
+        t = jax.numpy.full((b,), 500, jax.numpy.int32)
+        fn = jax.jit(cases.eval_forward(model))
         call_args: tuple = (params, x, t)
+        compiled = fn.lower(*call_args).compile()
+        run_whole: Any = lambda: compiled(*call_args)
     else:
-        schedule = schedules.get_schedule("linear", num_timesteps=1000)
-        optimizer = train_state.create_optimizer(config.training)
-        state = train_state.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=optimizer.init(params),
-            ema_params=params,
-            rng=jax.random.PRNGKey(0),
-            nonfinite_steps=jnp.zeros((), jnp.int32),
-            consecutive_nonfinite=jnp.zeros((), jnp.int32),
-        )
-        step = train_state.make_train_step(model, schedule, optimizer, config.diffusion, 0.9999)
-        fn = jax.jit(step)
-        call_args = (state, {"image": x, "label": jnp.zeros((b,), jnp.int32)})
+        train = cases.train_case(config, b)
+        train.compile()
+        fn, call_args, compiled = train.jitted, (train.state, train.batch), train.compiled
+        run_whole = train.run  # carries the new state along: the old one is donated
     groups = collect_ops(jax.make_jaxpr(fn)(*call_args))
-    compiled = fn.lower(*call_args).compile()
     whole_flops = common.compiled_flops(compiled)
 
     torch_specs = []
@@ -192,9 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             torch_specs.append(g["spec"])
 
     def whole() -> float:
-        return statistics.median(
-            common.timings(lambda: jax.block_until_ready(compiled(*call_args)), warmup=1, repeats=3)
-        )
+        return statistics.median(timing.timings(run_whole, warmup=1, repeats=3))
 
     # Interleave: whole program, per-op JAX, torch convs, whole program again.
     whole_before = whole()
@@ -202,38 +187,19 @@ def main(argv: list[str] | None = None) -> None:
         g["seconds"], g["flops"] = time_eqn(g["eqn"])
     torch_times: list[float] = []
     torch_profile: dict[str, Any] = {}
-    # Sleeping OpenMP threads: spinning ones collapse on a shared machine (see compare_torch.py).
-    torch_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     if args.torch_python and torch_specs:
-        torch_times = json.loads(
-            subprocess.run(
-                [args.torch_python, "-c", TORCH_SIDE],
-                input=json.dumps(torch_specs),
-                env=torch_env,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
+        torch_times = workers.run_json(
+            [args.torch_python, "-c", TORCH_SIDE], workers.torch_env(), json.dumps(torch_specs)
         )
         if args.mode == "forward":
-            here = os.path.dirname(os.path.abspath(__file__))
-            torch_profile = json.loads(
-                subprocess.run(
-                    [args.torch_python, "-c", TORCH_PROFILE, here, str(b)],
-                    env=torch_env,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                .stdout.strip()
-                .splitlines()[-1]
-            )
+            cmd = [args.torch_python, "-c", TORCH_PROFILE, str(b), args.config]
+            torch_profile = workers.run_json(cmd, workers.torch_env())
     whole_after = whole()
     whole_s = statistics.median([whole_before, whole_after])
 
     spec_iter = iter(torch_times)
     rows = []
-    totals = collections.Counter()
+    totals: collections.Counter[str] = collections.Counter()
     for (name, avals, _), g in groups.items():
         kind = "conv" if name.startswith("conv") else "dot"
         total = g["seconds"] * g["count"]
@@ -252,10 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
 
     env = common.environment()
-    stem = os.path.join(
-        args.out, f"{datetime.date.today().isoformat()}-profile_{args.mode}_b{b}_{args.dtype}"
-    )
-    os.makedirs(args.out, exist_ok=True)
+    prefix = "" if args.config == "cifar10" else f"{args.config}_"  # cifar10: the old names
+    stem = common.output_stem(args.out, f"profile_{prefix}{args.mode}_b{b}_{args.dtype}")
     summary = {
         "benchmark": "profile_ops",
         "mode": args.mode,
@@ -279,11 +243,9 @@ def main(argv: list[str] | None = None) -> None:
         summary["forward_convs_torch_over_jax"] = round(torch_fwd / jax_fwd, 3)
     if torch_profile:
         summary["torch_profile"] = torch_profile
-    if os.path.exists(stem + ".jsonl"):
-        os.remove(stem + ".jsonl")
     common.write_jsonl(stem + ".jsonl", summary)
     lines = [
-        f"# Per-op breakdown, CIFAR-10 U-Net {args.mode}, batch {b}, {args.dtype}",
+        f"# Per-op breakdown, {args.config} U-Net {args.mode}, batch {b}, {args.dtype}",
         "",
         f"jax {env['jax']}, {env['device_kind']}; load average {env['load_avg_1m']}. Whole "
         f"program {whole_s:.3f} s; convolutions {totals['conv']:.3f} s "
@@ -318,10 +280,8 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"torch profiler, diffusers forward ({torch_profile['total_s']:.3f} s): {top}",
         ]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    common.write_markdown(stem, lines)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

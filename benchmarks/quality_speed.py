@@ -1,34 +1,35 @@
 """Quality at speed on the trained digits model: digits FD and wall time per sampler.
 
-Usage: python benchmarks/quality_speed.py [--workdir=workdirs/digits] [--num-samples 1000]
+Usage: python -m benchmarks.quality_speed [--workdir=workdirs/digits] [--num-samples 1000]
            [--rounds 2] [--torch-python=/tmp/bench_torch/bin/python] [--out=benchmarks/results]
 
 The issue's goal: reach the sample quality of diffusers' DDIM-50 at least 2.5x faster in wall
 time. DDIM-50 is the same algorithm in both frameworks, so on the same weights it gives the
 same samples; its FD here (our DDIM-50 on the run's EMA parameters) is the quality bar. For each
 sampler x steps this script draws `--num-samples` samples (seed 0, sample i from fold_in(key, i),
-as the eval mode) in one jitted call, computes the digits FD against the train split's reference
+as the eval mode; the run's `sampler_spec()` with the sampler and steps replaced) in one jitted
+call, computes the digits FD against the train split's reference
 statistics, and times that call and `--rounds` more (compile excluded), the samplers round-robin so
 drift under outside load hits all alike. With --torch-python it also times diffusers'
-UNet2DModel in configs/digits.py's architecture (same parameter count, random weights: speed
-does not depend on them) running DDIMScheduler-50 on the same number of samples, between the
-JAX rounds. Writes <out>/<date>-quality_speed.{jsonl,md}.
+UNet2DModel in configs/digits.py's architecture (`benchmarks.torch_peer`; same parameter count,
+random weights: speed does not depend on them) running DDIMScheduler-50 on the same number of
+samples, between the JAX rounds. Writes <out>/<date>-quality_speed.{jsonl,md}.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
+import functools
 import os
 import statistics
-import time
+import sys
 from typing import Any
 
-import common  # first: puts the repository on sys.path
 import jax
 import numpy as np
 
-from diffusion_jax import images, samplers
+from benchmarks import common, timing, workers
+from diffusion_jax import images
+from diffusion_jax.errors import UserError
 from diffusion_jax.evaluation import digits_net, metrics, reference
 from diffusion_jax.runner import loading
 
@@ -51,7 +52,7 @@ def label(sampler: str, steps: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.argument_parser(__file__, __doc__)
     parser.add_argument("--workdir", default=os.path.join(common.REPO, "workdirs", "digits"))
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=1, help="extra timed runs per sampler")
@@ -62,8 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--tag", default="", help="suffix of the output files")
     parser.add_argument("--torch-python", default="", help="also time diffusers DDIM-50")
-    parser.add_argument("--out", default=os.path.join(common.REPO, "benchmarks", "results"))
+    parser.add_argument("--out", default=common.RESULTS)
     args = parser.parse_args(argv)
+    if args.torch_python:
+        workers.require_python(args.torch_python, "benchmarks.quality_speed --torch-python")
 
     candidates = CANDIDATES
     if args.samplers:
@@ -71,45 +74,37 @@ def main(argv: list[str] | None = None) -> None:
             (name.rsplit("-", 1)[0], int(name.rsplit("-", 1)[1]))
             for name in args.samplers.split(",")
         ]
-    loaded = loading.load_run(args.workdir)
-    config = loaded.config
+    network = digits_net.DigitsFeatures()
+    # No checkpoint, data or reference statistics yet: the library's one-line fix, no traceback.
+    try:
+        loaded = loading.load_run(args.workdir)
+        config = loaded.config
+        ref = reference.load_reference_stats(
+            reference.default_reference_path(config.data, config.eval.reference_split, "digits"),
+            expected_network=network,
+        )
+    except (UserError, reference.ReferenceStatsError) as error:
+        sys.exit(f"benchmarks.quality_speed: {error}")
     n = args.num_samples
     shape = (n, *loaded.setup.image_shape)
-    model = loaded.setup.model
-    network = digits_net.DigitsFeatures()
-    ref = reference.load_reference_stats(
-        reference.default_reference_path(config.data, config.eval.reference_split, "digits"),
-        expected_network=network,
-    )
+    rng = jax.random.PRNGKey(0)
 
     def make(sampler: str, steps: int) -> Any:
+        spec = loaded.sampler_spec().replace(sampler=sampler, num_steps=steps)
+
         def generate(params: Any, rng: jax.Array) -> jax.Array:
-            return samplers.sample(
-                lambda x, t: model.apply({"params": params}, x, t, train=False),
-                loaded.schedule,
-                shape,
-                rng,
-                sampler=sampler,
-                num_steps=steps,
-                prediction=config.diffusion.prediction,
-                clip_x0=config.sampling.clip_x0,
-                timestep_spacing=config.sampling.timestep_spacing,
-            )
+            return spec.sample(loaded.setup.model_fn(params), loaded.schedule, shape, rng)
 
         return jax.jit(generate).lower(loaded.params, rng).compile()
 
-    rng = jax.random.PRNGKey(0)
     results: dict[str, dict[str, Any]] = {}
     compiled = {}
     for sampler, steps in candidates:
         name = label(sampler, steps)
-        t0 = time.perf_counter()
-        compiled[name] = make(sampler, steps)
-        compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        x = np.asarray(compiled[name](loaded.params, rng))
-        first_s = time.perf_counter() - t0  # already warm: counts as a timed run
-        features, _ = network(images.to_uint8(x))
+        compiled[name], compile_s = timing.timed(functools.partial(make, sampler, steps))
+        # Already compiled: the run that gives the FD counts as a timed run.
+        x, first_s = timing.timed(functools.partial(compiled[name], loaded.params, rng))
+        features, _ = network(images.to_uint8(np.asarray(x)))
         stats = metrics.FeatureStats.from_features(features)
         fd = metrics.frechet_distance(stats.mean, stats.cov, ref.stats.mean, ref.stats.cov)
         evals = 2 * steps - 1 if sampler == "heun" else steps
@@ -130,25 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     torch_worker = None
     torch_times: list[float] = []
     if args.torch_python:
-        from compare_torch import Worker
-
-        here = os.path.dirname(os.path.abspath(__file__))
-        torch_worker = Worker(
-            [
-                args.torch_python,
-                os.path.join(here, "torch_peer.py"),
-                "--serve",
-                "--config=digits",
-                f"--batch-size={n}",
-            ],
-            # Sleeping, not spinning, OpenMP threads: see compare_torch.py.
-            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
-        )
+        torch_worker = workers.torch_peer(args.torch_python, config="digits", batch_size=n)
+    # Round-robin over the samplers (then torch), so drift under load hits all alike.
     for rnd in range(args.rounds):
         for name, fn in compiled.items():
-            t0 = time.perf_counter()
-            fn(loaded.params, rng).block_until_ready()
-            results[name]["times"].append(time.perf_counter() - t0)
+            results[name]["times"].append(
+                timing.timed(functools.partial(fn, loaded.params, rng))[1]
+            )
         if torch_worker is not None:
             record = torch_worker.run("sampler", 1, 1 if rnd == 0 else 0)
             torch_times.append(record["median_s"])
@@ -158,10 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     bar = results[label(*candidates[0])]
     bar_s = statistics.median(bar["times"])
     torch_s = statistics.median(torch_times) if torch_times else None
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{datetime.date.today().isoformat()}-quality_speed{args.tag}")
-    if os.path.exists(stem + ".jsonl"):
-        os.remove(stem + ".jsonl")
+    stem = common.output_stem(args.out, f"quality_speed{args.tag}")
     env = common.environment()
     common.write_jsonl(stem + ".jsonl", {"benchmark": "environment", **env})
     lines = [
@@ -213,9 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         "than JAX DDIM-50"
         + (f", {best['speedup_vs_torch_ddim50']:.2f}x than diffusers DDIM-50." if torch_s else "."),
     ]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    common.write_markdown(stem, lines)
 
 
 if __name__ == "__main__":

@@ -1,101 +1,71 @@
 """Benchmark suite: train step, denoising step and whole samplers for the digits and CIFAR-10
 DDPM configs, with compile time, memory, XLA FLOPs and MFU.
 
-Usage: python benchmarks/run.py [--quick] [--out=benchmarks/results] [--only=train,denoise,sample]
+Usage: python -m benchmarks.run [--quick | --smoke] [--out=benchmarks/results]
+           [--only=train,denoise,sample]
 
-Writes one JSON line per case to <out>/<date>.jsonl (<date>-quick.jsonl with --quick) and the
-same as Markdown tables to <out>/<date>[-quick].md; both are rewritten by each run. --quick runs
-a small subset (about 3 minutes on 2 idle CPU cores; several times that under load, mostly
-the CIFAR train step's compile).
+Writes one JSON line per case to <out>/<date>.jsonl (<date>-quick.jsonl with --quick,
+<date>-smoke.jsonl with --smoke) and the same as Markdown tables to <out>/<date>[-quick].md;
+both are rewritten by each run. --quick runs a small subset (about 3 minutes on 2 idle CPU
+cores; several times that under load, mostly the CIFAR train step's compile); --smoke only the
+digits cases with one timed repeat (well under a minute), to check that every path still runs.
 
 Cases (random data and random parameters: speed does not depend on the values):
-  train    the real `train_state.make_train_step`, jitted as `train_loop` does (replicated state,
-           batch sharded over the 'data' mesh, state donated); images/s and compile time.
+  train    the real `train_state.make_train_step`, jitted by `runner.setup.jit_train_step` as
+           the training loop runs it (replicated state, batch sharded over the 'data' mesh,
+           state donated); images/s and compile time.
   denoise  one jitted U-Net forward in eval mode = one step of DDIM / DPM-Solver++ (heun: two).
-  sample   `samplers.sample` (the whole lax.scan) in one jit; wall time and denoising steps/s.
+  sample   `samplers.SamplerSpec.sample` (the whole lax.scan) in one jit, with the config's
+           sampling options; wall time and denoising steps/s.
 Every case reports median/min/max over repeats after warm-up, the compile time (lower +
 compile), XLA's static buffer sizes, the peak memory while it ran (device peak on GPU, the
 process RSS high-water above its level at the start of the case on CPU), XLA's FLOPs of the
-model per image and MFU = achieved FLOP/s / nominal peak (see `common.peak_gflops`; on CPU also
-vs a float32 2048^3 matmul measured at the start of the run). `model.dtype` is the compute dtype
-(parameters stay float32). A lax.scan body is counted once by XLA's cost analysis, so sampler
-FLOPs are the forward's times the number of model evaluations.
+model per image and MFU = achieved FLOP/s / the device's nominal peak for the compute dtype
+(`benchmarks.peaks`; None on a device the table does not know; on CPU also vs a float32 2048^3
+matmul measured at the start of the run). `model.dtype` is the compute dtype (parameters stay
+float32). A lax.scan body is counted once by XLA's cost analysis, so sampler FLOPs are the
+forward's times the number of model evaluations.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
-import runpy
-import time
-from collections.abc import Callable
+import statistics
 from typing import Any
 
-import common  # first: puts the repository on sys.path
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
-from diffusion_jax import parallel, samplers, schedules, train_state
+from benchmarks import cases, common, peaks, timing
+from diffusion_jax import samplers
 
-CONFIGS = {"digits": "configs/digits.py", "cifar10": "configs/cifar10_ddpm.py"}
-# Full suite; --quick takes the cases marked True.
-TRAIN_CASES = [  # (config, batch, dtype, quick)
-    ("digits", 8, "float32", False),
-    ("digits", 32, "float32", True),
-    ("cifar10", 8, "float32", True),
-    ("cifar10", 32, "float32", False),
-    ("cifar10", 8, "bfloat16", False),
+# Tiers: --smoke runs the 'smoke' cases, --quick 'smoke' and 'quick', the full suite all.
+TIERS = {"smoke": ("smoke",), "quick": ("smoke", "quick"), "full": ("smoke", "quick", "full")}
+TRAIN_CASES = [  # (config, batch, dtype, tier)
+    ("digits", 8, "float32", "full"),
+    ("digits", 32, "float32", "smoke"),
+    ("cifar10", 8, "float32", "quick"),
+    ("cifar10", 32, "float32", "full"),
+    ("cifar10", 8, "bfloat16", "full"),
 ]
 DENOISE_CASES = [
-    ("digits", 8, "float32", False),
-    ("digits", 64, "float32", True),
-    ("cifar10", 8, "float32", True),
-    ("cifar10", 8, "bfloat16", True),
-    ("cifar10", 64, "float32", False),
-    ("cifar10", 64, "bfloat16", False),
+    ("digits", 8, "float32", "full"),
+    ("digits", 64, "float32", "smoke"),
+    ("cifar10", 8, "float32", "quick"),
+    ("cifar10", 8, "bfloat16", "quick"),
+    ("cifar10", 64, "float32", "full"),
+    ("cifar10", 64, "bfloat16", "full"),
 ]
-SAMPLE_CASES = [  # (config, sampler, num_steps, batch, dtype, quick)
-    ("digits", "ddim", 50, 8, "float32", False),
-    ("digits", "dpm_solver++", 20, 8, "float32", False),
-    ("digits", "ddim", 50, 64, "float32", True),
-    ("digits", "dpm_solver++", 20, 64, "float32", True),
-    ("cifar10", "ddim", 50, 8, "float32", False),
-    ("cifar10", "dpm_solver++", 20, 8, "float32", False),
-    ("cifar10", "ddim", 50, 64, "float32", False),
-    ("cifar10", "dpm_solver++", 20, 64, "float32", False),
+SAMPLE_CASES = [  # (config, sampler, num_steps, batch, dtype, tier)
+    ("digits", "ddim", 50, 8, "float32", "full"),
+    ("digits", "dpm_solver++", 20, 8, "float32", "full"),
+    ("digits", "ddim", 50, 64, "float32", "quick"),
+    ("digits", "dpm_solver++", 20, 64, "float32", "smoke"),
+    ("cifar10", "ddim", 50, 8, "float32", "full"),
+    ("cifar10", "dpm_solver++", 20, 8, "float32", "full"),
+    ("cifar10", "ddim", 50, 64, "float32", "full"),
+    ("cifar10", "dpm_solver++", 20, 64, "float32", "full"),
 ]
-
-
-def load_config(name: str, dtype: str) -> ml_collections.ConfigDict:
-    config = runpy.run_path(os.path.join(common.REPO, CONFIGS[name]))["get_config"]()
-    config.model.dtype = dtype
-    return config
-
-
-def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    channels = 1 if config.data.name == "digits" else 3
-    return (config.data.image_size, config.data.image_size, channels)
-
-
-def random_params(model: Any, shape: tuple[int, int, int]) -> Any:
-    """Parameters with the model's shapes from numpy (skips compiling the initialiser)."""
-    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    shapes = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t, train=False), x, t)
-    rng = np.random.default_rng(0)
-    return jax.tree.map(
-        lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape, dtype=np.float32)),
-        shapes["params"],
-    )
-
-
-def _compile(fn: Any, *args: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    return compiled, time.perf_counter() - t0
 
 
 def _finish(
@@ -106,107 +76,70 @@ def _finish(
     matmul_gflops: float | None,
 ) -> dict[str, Any]:
     """Adds the timing summary, throughput, FLOPs and MFU to `record`."""
-    median = float(np.median(times))
-    record.update(common.summarize(times))
+    record.update(timing.summarize(times))
+    median = statistics.median(times)  # unrounded: GPU steps take microseconds
     record["images_per_s"] = round(items / median, 3)
-    peak, peak_name = common.peak_gflops(record["dtype"])
+    peak, peak_name = peaks.device_peak(record["dtype"])
+    record["mfu_peak"] = peak_name
+    record["mfu"] = None
     if flops is not None:
         achieved = flops / median / 1e9
         record["gflops_per_image"] = round(flops / items / 1e9, 4)
         record["achieved_gflops_per_s"] = round(achieved, 2)
-        record["mfu"] = round(achieved / peak, 4)
-        record["mfu_peak"] = peak_name
+        mfu = peaks.mfu(flops, median, peak)
+        record["mfu"] = None if mfu is None else round(mfu, 4)
         if matmul_gflops:
             record["fraction_of_matmul"] = round(achieved / matmul_gflops, 4)
     return record
 
 
+def _measure(
+    compiled: Any, call: Any, *, warmup: int, repeats: int
+) -> tuple[list[float], dict[str, float]]:
+    """Times of `call` and the memory it used: XLA's static buffers and the measured peak."""
+    with common.peak_memory() as mem:
+        times = timing.timings(call, warmup=warmup, repeats=repeats)
+    return times, {**common.compiled_memory_mb(compiled), **mem}
+
+
 def bench_train(
     name: str, batch: int, dtype: str, *, warmup: int, repeats: int, matmul: float | None
 ) -> dict[str, Any]:
-    config = load_config(name, dtype)
-    shape = image_shape(config)
-    model = train_state.create_model(config.model, None)
-    schedule = schedules.get_schedule(
-        config.diffusion.schedule, num_timesteps=config.diffusion.num_timesteps
-    )
-    optimizer = train_state.create_optimizer(config.training)
-    mesh = parallel.create_mesh()
-    replicated = parallel.replicated_sharding(mesh)
-    init = jax.jit(
-        lambda rng: train_state.init_train_state(model, optimizer, rng, shape),
-        out_shardings=replicated,
-    )
-    holder = [init(jax.random.PRNGKey(0))]
-    # As train_loop jits it: replicated state, sharded batch, the state donated.
-    step_fn = jax.jit(
-        train_state.make_train_step(
-            model, schedule, optimizer, config.diffusion, config.training.ema_decay
-        ),
-        in_shardings=(replicated, parallel.batch_sharding(mesh)),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
-    rng = np.random.default_rng(0)
-    data = parallel.global_batch(
-        {
-            "image": rng.uniform(-1, 1, (batch, *shape)).astype(np.float32),
-            "label": rng.integers(0, 10, batch).astype(np.int32),
-        },
-        mesh,
-    )
-    compiled, compile_s = _compile(step_fn, holder[0], data)
-
-    def run() -> None:
-        holder[0], metrics = compiled(holder[0], data)
-        jax.block_until_ready((holder[0], metrics))
-
-    with common.peak_memory() as mem:
-        times = common.timings(run, warmup=warmup, repeats=repeats)
+    case = cases.train_case(cases.load_config(name, dtype), batch)
+    compile_s = case.compile()
+    times, memory = _measure(case.compiled, case.run, warmup=warmup, repeats=repeats)
     record: dict[str, Any] = {
         "benchmark": "train_step",
         "config": name,
         "dtype": dtype,
         "batch_size": batch,
-        "params": sum(int(p.size) for p in jax.tree.leaves(holder[0].params)),
+        "params": cases.num_params(case.state.params),
         "compile_s": round(compile_s, 2),
-        **common.compiled_memory_mb(compiled),
-        **mem,
+        **memory,
     }
-    return _finish(record, times, common.compiled_flops(compiled), batch, matmul)
-
-
-def _model_fn_factory(model: Any) -> Callable[[Any], Callable[..., jax.Array]]:
-    def make(params: Any) -> Callable[..., jax.Array]:
-        return lambda x, t: model.apply({"params": params}, x, t, train=False)
-
-    return make
+    return _finish(record, times, common.compiled_flops(case.compiled), batch, matmul)
 
 
 def bench_denoise(
     name: str, batch: int, dtype: str, *, warmup: int, repeats: int, matmul: float | None
 ) -> dict[str, Any]:
-    config = load_config(name, dtype)
-    shape = image_shape(config)
-    model = train_state.create_model(config.model, None)
-    params = random_params(model, shape)
-    x = jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float32)
-    t = jax.random.randint(jax.random.key(2), (batch,), 0, 1000, jnp.int32)
-    make = _model_fn_factory(model)
-    compiled, compile_s = _compile(jax.jit(lambda p, x, t: make(p)(x, t)), params, x, t)
-    with common.peak_memory() as mem:
-        times = common.timings(
-            lambda: compiled(params, x, t).block_until_ready(), warmup=warmup, repeats=repeats
-        )
+    config = cases.load_config(name, dtype)
+    shape = cases.image_shape(config)
+    model = cases.create_model(config)
+    params = cases.random_params(model, shape)
+    x, t = cases.random_inputs(batch, shape)
+    compiled, compile_s = timing.compile_timed(jax.jit(cases.eval_forward(model)), params, x, t)
+    times, memory = _measure(
+        compiled, lambda: compiled(params, x, t), warmup=warmup, repeats=repeats
+    )
     record: dict[str, Any] = {
         "benchmark": "denoise_step",
         "config": name,
         "dtype": dtype,
         "batch_size": batch,
-        "params": sum(int(p.size) for p in jax.tree.leaves(params)),
+        "params": cases.num_params(params),
         "compile_s": round(compile_s, 2),
-        **common.compiled_memory_mb(compiled),
-        **mem,
+        **memory,
     }
     record = _finish(record, times, common.compiled_flops(compiled), batch, matmul)
     record["steps_per_s"] = round(1.0 / record["median_s"], 3)
@@ -215,12 +148,9 @@ def bench_denoise(
 
 def forward_flops(model: Any, params: Any, shape: tuple[int, ...]) -> float | None:
     """XLA FLOPs of one eval-mode forward on a batch of `shape` (compiled, never run)."""
-    x = jax.ShapeDtypeStruct(shape, jnp.float32)
-    t = jax.ShapeDtypeStruct((shape[0],), jnp.int32)
-    make = _model_fn_factory(model)
-    return common.compiled_flops(
-        jax.jit(lambda p, x, t: make(p)(x, t)).lower(params, x, t).compile()
-    )
+    x = jax.ShapeDtypeStruct(shape, jax.numpy.float32)
+    t = jax.ShapeDtypeStruct((shape[0],), jax.numpy.int32)
+    return common.compiled_flops(jax.jit(cases.eval_forward(model)).lower(params, x, t).compile())
 
 
 def bench_sample(
@@ -234,26 +164,23 @@ def bench_sample(
     repeats: int,
     matmul: float | None,
 ) -> dict[str, Any]:
-    config = load_config(name, dtype)
-    shape = (batch, *image_shape(config))
-    model = train_state.create_model(config.model, None)
-    schedule = schedules.get_schedule(
-        config.diffusion.schedule, num_timesteps=config.diffusion.num_timesteps
-    )
-    params = random_params(model, shape[1:])
-    make = _model_fn_factory(model)
+    config = cases.load_config(name, dtype)
+    shape = (batch, *cases.image_shape(config))
+    model = cases.create_model(config)
+    schedule = cases.get_schedule(config)
+    params = cases.random_params(model, shape[1:])
+    forward = cases.eval_forward(model)
+    # The config's sampling options (prediction, clipping, spacing, ...), as the sample mode.
+    spec = samplers.SamplerSpec.from_config(config).replace(sampler=sampler, num_steps=num_steps)
 
     def generate(params: Any, rng: jax.Array) -> jax.Array:
-        return samplers.sample(
-            make(params), schedule, shape, rng, sampler=sampler, num_steps=num_steps
-        )
+        return spec.sample(lambda x, t: forward(params, x, t), schedule, shape, rng)
 
     rng = jax.random.PRNGKey(0)
-    compiled, compile_s = _compile(jax.jit(generate), params, rng)
-    with common.peak_memory() as mem:
-        times = common.timings(
-            lambda: compiled(params, rng).block_until_ready(), warmup=warmup, repeats=repeats
-        )
+    compiled, compile_s = timing.compile_timed(jax.jit(generate), params, rng)
+    times, memory = _measure(
+        compiled, lambda: compiled(params, rng), warmup=warmup, repeats=repeats
+    )
     evals = 2 * num_steps - 1 if sampler == "heun" else num_steps
     fwd = forward_flops(model, params, shape)
     record: dict[str, Any] = {
@@ -265,8 +192,7 @@ def bench_sample(
         "model_evals": evals,
         "batch_size": batch,
         "compile_s": round(compile_s, 2),
-        **common.compiled_memory_mb(compiled),
-        **mem,
+        **memory,
     }
     record = _finish(record, times, None if fwd is None else fwd * evals, batch, matmul)
     record["denoise_steps_per_s"] = round(evals / record["median_s"], 3)
@@ -329,31 +255,33 @@ def markdown(records: list[dict[str, Any]], env: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small subset, ~2-3 minutes")
-    parser.add_argument("--out", default=os.path.join(common.REPO, "benchmarks", "results"))
+    parser = common.argument_parser(__file__, __doc__)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small subset, ~3 minutes idle")
+    size.add_argument("--smoke", action="store_true", help="digits cases, 1 repeat: does it run")
+    parser.add_argument("--out", default=common.RESULTS)
     parser.add_argument("--only", default="train,denoise,sample", help="comma-separated kinds")
     parser.add_argument("--repeats", type=int, default=0, help="override timed repeats")
     args = parser.parse_args(argv)
     kinds = set(args.only.split(","))
+    tier = "smoke" if args.smoke else "quick" if args.quick else "full"
+    run_tiers = TIERS[tier]
 
-    os.makedirs(args.out, exist_ok=True)
-    date = datetime.date.today().isoformat()
-    stem = os.path.join(args.out, f"{date}{'-quick' if args.quick else ''}")
+    stem = common.output_stem(args.out, "" if tier == "full" else tier)
     jsonl = stem + ".jsonl"
-    if os.path.exists(jsonl):
-        os.remove(jsonl)
-    env = {**common.environment(), "date": date, "quick": args.quick}
+    env = {**common.environment(), "date": datetime.date.today().isoformat()}
+    env.update(quick=args.quick, tier=tier)
     matmul = None
     if env["backend"] == "cpu":
-        matmul = round(common.measure_matmul_gflops(), 1)
+        matmul = round(common.measure_matmul_gflops(repeats=2 if args.smoke else 5), 1)
     env["matmul_gflops"] = matmul
-    env["mfu_peak"] = common.peak_gflops("float32")[1]
+    env["mfu_peak"] = peaks.device_peak("float32")[1]
     common.write_jsonl(jsonl, {"benchmark": "environment", **env})
 
     def reps(full: int, quick: int) -> int:
-        return args.repeats or (quick if args.quick else full)
+        return args.repeats or {"full": full, "quick": quick, "smoke": 1}[tier]
 
+    warmup = 1 if args.smoke else 2
     records: list[dict[str, Any]] = []
 
     def emit(record: dict[str, Any]) -> None:
@@ -361,33 +289,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         records.append(record)
         common.write_jsonl(jsonl, record)
 
-    if "train" in kinds:
-        for name, batch, dtype, quick in TRAIN_CASES:
-            if quick or not args.quick:
-                emit(bench_train(name, batch, dtype, warmup=2, repeats=reps(5, 3), matmul=matmul))
-    if "denoise" in kinds:
-        for name, batch, dtype, quick in DENOISE_CASES:
-            if quick or not args.quick:
-                emit(bench_denoise(name, batch, dtype, warmup=2, repeats=reps(7, 3), matmul=matmul))
-    if "sample" in kinds:
-        for name, sampler, steps, batch, dtype, quick in SAMPLE_CASES:
-            if quick or not args.quick:
-                big = name == "cifar10" and batch >= 64  # minutes per run on CPU
-                emit(
-                    bench_sample(
-                        name,
-                        sampler,
-                        steps,
-                        batch,
-                        dtype,
-                        warmup=0 if big else 1,
-                        repeats=reps(1 if big else 3, 2),
-                        matmul=matmul,
-                    )
-                )
+    def selected(kind: str, table: list[tuple]) -> list[tuple]:
+        """The cases of `table` (their tier dropped) this run asks for."""
+        return [case[:-1] for case in table if kind in kinds and case[-1] in run_tiers]
+
+    for name, batch, dtype in selected("train", TRAIN_CASES):
+        emit(bench_train(name, batch, dtype, warmup=warmup, repeats=reps(5, 3), matmul=matmul))
+    for name, batch, dtype in selected("denoise", DENOISE_CASES):
+        emit(bench_denoise(name, batch, dtype, warmup=warmup, repeats=reps(7, 3), matmul=matmul))
+    for name, sampler, steps, batch, dtype in selected("sample", SAMPLE_CASES):
+        big = name == "cifar10" and batch >= 64  # minutes per run on CPU
+        emit(
+            bench_sample(
+                *(name, sampler, steps, batch, dtype),
+                warmup=0 if big else 1,
+                repeats=reps(1 if big else 3, 2),
+                matmul=matmul,
+            )
+        )
     env["load_avg_end"] = round(os.getloadavg()[0], 2)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(records, env) + "\n")
+    common.write_markdown(stem, [markdown(records, env)], echo=False)
     print(f"wrote {jsonl} and {stem}.md", flush=True)
     return records
 

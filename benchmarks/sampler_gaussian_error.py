@@ -14,25 +14,21 @@ In exact arithmetic the error is affine in x_T, err = offset + gain * x_T (both 
 by least squares), so max abs error = |offset| + 3 |gain| over x_T in [-3, 3] (float32 rounding
 adds a little, e.g. heun on 'cosine'); the flag is a sign change of the gain, the dominant term.
 
-    python benchmarks/sampler_gaussian_error.py [--schedule=linear] [--num_timesteps=1000]
+    python -m benchmarks.sampler_gaussian_error [--schedule=linear] [--num_timesteps=1000]
         [--steps=6,11,21,41,81,161,321] [--format=markdown|jsonl] [--x64]
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
-import os
-import sys
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from benchmarks import common, timing
 from diffusion_jax import diffusion, samplers, schedules
 from diffusion_jax.testing import gaussian_oracle
 
@@ -46,14 +42,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = common.argument_parser(__file__, __doc__)
     parser.add_argument("--schedule", default="linear")
     parser.add_argument("--num_timesteps", type=int, default=1000)
     parser.add_argument("--steps", default="6,11,21,41,81,161,321")
     parser.add_argument("--format", choices=("markdown", "jsonl"), default="markdown")
     parser.add_argument("--x64", action="store_true", help="run in float64")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", args.x64)
 
     sch = schedules.get_schedule(args.schedule, args.num_timesteps)
@@ -62,23 +58,19 @@ def main() -> None:
     reference = gaussian_oracle.exact_ode_solution(sch, x_start, sch.num_timesteps - 1, MU, S)
     model = gaussian_oracle.optimal_model(sch, MU, S)
 
+    x_init = jnp.asarray(x_start)
     rows: list[dict[str, Any]] = []
     for name, (sampler, kwargs) in VARIANTS.items():
         for num_steps in steps:
-            start = time.perf_counter()
-            out = samplers.sample(
-                model,
-                sch,
-                x_start.shape,
-                jax.random.key(0),
-                sampler=sampler,
-                num_steps=num_steps,
-                clip_x0=False,
-                x_init=jnp.asarray(x_start),
-                **kwargs,
+            spec = samplers.SamplerSpec(
+                sampler=sampler, num_steps=num_steps, clip_x0=False, **kwargs
             )
+            # One call, tracing included: a rough cost column, not a speed benchmark.
+            call = functools.partial(
+                spec.sample, model, sch, x_start.shape, jax.random.key(0), x_init=x_init
+            )
+            out, seconds = timing.timed(call)
             out = np.asarray(out, np.float64)
-            seconds = time.perf_counter() - start
             signed = out - reference
             gain, offset = np.polyfit(x_start.ravel(), signed.ravel(), 1)
             err = np.abs(signed)
