@@ -27,6 +27,10 @@ class MissingEvalInputError(UserError, FileNotFoundError):
     """Feature-network weights or reference statistics the eval needs are not on disk."""
 
 
+class ReferenceStatsError(UserError, ValueError):
+    """Reference statistics are missing, corrupted or made otherwise (message names the fix)."""
+
+
 class CheckpointSaveError(UserError, RuntimeError):
     """Writing a checkpoint failed (disk full, permissions); training stopped."""
 

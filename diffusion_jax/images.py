@@ -36,7 +36,7 @@ def save_png(path: str, image: np.ndarray, *, scale: int = 1) -> None:
     if scale > 1:
         image = image.repeat(scale, axis=0).repeat(scale, axis=1)
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    tmp = f"{path}.tmp{os.getpid()}.png"
+    tmp = f"{path}.tmp.png"
     pil.save(tmp)
     os.replace(tmp, path)
 

@@ -33,9 +33,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.runner import cli, sweeps
+from diffusion_jax.runner import cli, evaluate, sweeps, train, validation
 from diffusion_jax.runner import workdir as workdir_lib
-from diffusion_jax.runner.validation import validate_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _SWEEP = flags.DEFINE_string("sweep", None, "Python file whose get_sweep() returns the points.")
@@ -103,9 +102,11 @@ def main(argv: list[str]) -> None:
         points = list(sweeps.load_sweep(_SWEEP.value))
         names = sweeps.point_names(points)
         resolved = sweeps.validate_points(config, points, base)
+        # Every section the points will use, so a bad value stops the sweep before any training.
+        validators = (*train.VALIDATORS, *((evaluate.check_eval,) if _EVAL.value else ()))
         for name, point_config in zip(names, resolved, strict=True):
             try:
-                validate_config(point_config, num_devices=1)
+                validation.validate(point_config, 1, validators)
             except ConfigError as error:
                 raise sweeps.SweepError(f"point {name}: {error}") from None
     except sweeps.SweepError as error:

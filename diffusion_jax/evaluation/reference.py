@@ -26,16 +26,13 @@ from typing import Any
 import numpy as np
 
 from diffusion_jax.data import pipeline
+from diffusion_jax.errors import ReferenceStatsError
 from diffusion_jax.evaluation.features import FeatureNetwork
 from diffusion_jax.evaluation.metrics import FeatureStats, StatsAccumulator
 
 FORMAT_VERSION = 1
 # Images read from the data source at once (features are reduced batch by batch).
 READ_CHUNK = 10_000
-
-
-class ReferenceStatsError(ValueError):
-    """Reference statistics are missing, corrupted or made otherwise (message names the fix)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,7 +81,7 @@ def load_for_edit(
 ) -> loading.Run:
     """The run in `workdir`, after checking `config` and comparing it with the saved one."""
     validation.validate(config, jax.device_count(), VALIDATORS)
-    validation.check_resume(config, workdir, allow_config_change)
+    validation.check_saved_config(config, workdir, allow_config_change)
     return loading.load_run(workdir, config=config)
 
 

@@ -65,9 +65,16 @@ def eval_name(config: ml_collections.ConfigDict) -> str:
     if config.eval.name:
         return workdir_lib.output_name(str(config.eval.name), "eval.name")
     s = config.sampling
-    parts = [samplers.SamplerSpec.from_config(config).name()]  # every sampler setting
+    spec = samplers.SamplerSpec.from_config(config)
+    # Every sampler setting from the spec; temperature and clipping after the label, as names
+    # have always been composed, so existing evals keep resuming.
+    parts = [spec.replace(temperature=1.0, clip_x0=True).name()]
     if s.label >= 0:
         parts.append(f"label{s.label}")
+    if s.temperature != 1.0:
+        parts.append(f"temp{s.temperature:g}")
+    if not s.clip_x0:
+        parts.append("noclip")
     parts += [f"seed{s.seed}", f"n{config.eval.num_samples}"]
     return "_".join(parts)
 
@@ -197,15 +204,17 @@ def evaluate(
     """Sample and score the latest checkpoint of `workdir`; see the module docstring.
 
     after_shard(k) is called after shard k is on disk (a hook for progress and tests).
-    Raises `ConfigError`, `checkpointing.NoCheckpointError`, `MissingEvalInputError` or
-    `pipeline.DatasetNotPreparedError` before compiling anything.
+    Raises `ConfigError`, `NoCheckpointError`, `MissingEvalInputError`, `ReferenceStatsError` or
+    `DatasetNotPreparedError` (all `errors.UserError`) before compiling anything.
     """
     validation.validate(config, jax.device_count(), VALIDATORS)
     checkpointing.require_checkpoint(workdir)
-    validation.check_resume(config, workdir, allow_config_change)
+    validation.check_saved_config(config, workdir, allow_config_change)
     check_eval_inputs(config)
     setup = ModelSetup(config)
     network = make_feature_network(config.eval)
+    if "fd" in config.eval.metrics:  # a damaged or mismatched stats file stops us before sampling
+        reference.load_reference_stats(reference_stats_path(config), expected_network=network)
     state = setup.restore(workdir)
     step = int(state.step)
     name = eval_name(config)

@@ -1,7 +1,8 @@
 """A trained run loaded from its workdir: config, model, schedule and EMA parameters.
 
-The one place that turns a workdir into something to sample from; the sample, eval and editing
-modes and the notebook API (`diffusion_jax.analysis`) all start here.
+What the editing and visualisation modes and the notebook API (`diffusion_jax.analysis`) start
+from; the sample and eval modes, which shard their sampling over devices, use its parts
+(`setup.ModelSetup` and its `restore`) directly.
 
     run = load_run("workdirs/digits")            # config.json + latest readable checkpoint
     x = run.sample(num_samples=16, sampler="ddim", num_steps=50)   # float32 (16, H, W, C)
@@ -99,7 +100,7 @@ def load_run(
 ) -> Run:
     """Load `workdir`'s run: its saved config (or `config`) and the checkpoint at `step`
     (default: the latest readable one). The dataset must be prepared (for its shape and
-    classes): `pipeline.DatasetNotPreparedError` names the command otherwise."""
+    classes): `errors.DatasetNotPreparedError` names the command otherwise."""
     checkpointing.require_checkpoint(workdir)
     if config is None:
         config = workdir_lib.read_config(workdir)

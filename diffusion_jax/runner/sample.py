@@ -39,7 +39,7 @@ def sample(
     validation.validate(config, jax.device_count(), VALIDATORS)
     name = generate.sample_name(config)
     checkpointing.require_checkpoint(workdir)
-    validation.check_resume(config, workdir, allow_config_change)
+    validation.check_saved_config(config, workdir, allow_config_change)
     setup = ModelSetup(config)
     state = setup.restore(workdir)
     labels_fn = setup.labels_fn()

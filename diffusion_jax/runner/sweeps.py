@@ -269,16 +269,6 @@ def validate_points(
 
 
 # ---------------------------------------------------------------------------------------------
-# Progress of a point.
-
-
-def is_finished(workdir: str, num_train_steps: int) -> bool:
-    """Whether `workdir` holds a checkpoint at `num_train_steps` or later (the trainer always
-    saves at its last step, so this means the run completed)."""
-    return workdir_lib.latest_step(workdir) >= num_train_steps
-
-
-# ---------------------------------------------------------------------------------------------
 # Results.
 
 

@@ -28,12 +28,7 @@ from diffusion_jax.runner import generate, validation
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
-# The config sections a training run uses (the sampling section draws the training grids).
-VALIDATORS = (
-    *validation.MODEL_VALIDATORS,
-    validation.check_training,
-    validation.check_sampling,
-)
+VALIDATORS = validation.TRAINING_VALIDATORS
 
 
 class _SigtermFlag:
@@ -74,11 +69,11 @@ def train(
     `validation.RESUME_LOCKED_KEYS` values unless `allow_config_change`. On SIGTERM it
     saves a checkpoint at the current step and returns the state early. Raises `NonFiniteError`
     after `training.max_consecutive_nonfinite` skipped steps in a row, and
-    `checkpointing.CheckpointSaveError` when a save fails.
+    `CheckpointSaveError` when a save fails (both `errors.UserError`).
     """
     validation.validate(config, jax.device_count(), VALIDATORS)
     validation.check_workdir_writable(workdir)
-    _warn_about_changes(validation.check_resume(config, workdir, allow_config_change))
+    validation.check_saved_config(config, workdir, allow_config_change)
     setup = ModelSetup(config)
     checkpointer = checkpointing.Checkpointer(
         workdir, max_to_keep=config.training.max_checkpoints_to_keep
@@ -288,14 +283,6 @@ def _grid_batch_size(num_samples: int, mesh: jax.sharding.Mesh) -> int:
     """Smallest multiple of the device count that holds `num_samples`."""
     devices = mesh.devices.size
     return -(-num_samples // devices) * devices
-
-
-def _warn_about_changes(changes: list[tuple[str, Any, Any]]) -> None:
-    if changes:
-        logging.warning(
-            "Resuming with a changed config (--allow_config_change): %s",
-            ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes),
-        )
 
 
 def _format_seconds(seconds: float) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from diffusion_jax import diffusion, samplers, schedules
 from diffusion_jax.errors import ConfigError
@@ -174,12 +175,13 @@ def check_sampling(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
 # The sections every mode that builds the model checks.
 MODEL_VALIDATORS: tuple[Validator, ...] = (check_model, check_diffusion)
+# The sections a training run uses (the sampling section draws the training grids).
+TRAINING_VALIDATORS: tuple[Validator, ...] = (*MODEL_VALIDATORS, check_training, check_sampling)
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
-    """The checks of a training run: model, diffusion, training and sampling sections (the
-    sampling section draws the training grids). Other modes compose their own list."""
-    validate(config, num_devices, (*MODEL_VALIDATORS, check_training, check_sampling))
+    """The checks of a training run (`TRAINING_VALIDATORS`); other modes compose their own."""
+    validate(config, num_devices, TRAINING_VALIDATORS)
 
 
 def validate_against_dataset(config: ml_collections.ConfigDict, num_classes: int | None) -> None:
@@ -295,16 +297,24 @@ def _reraise(check: Callable[[], Any]) -> None:
         raise ConfigError(str(error)) from None
 
 
-def check_resume(
+def check_saved_config(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
-) -> list[tuple[str, Any, Any]]:
+) -> None:
     """Refuse (`ConfigError`) a config that changes a `RESUME_LOCKED_KEYS` value of the run
-    saved in `workdir` unless `allow_config_change`; returns the allowed changes (to warn about).
-    A workdir without checkpoints or without a readable config.json has nothing to compare."""
+    saved in `workdir` (training it on, or sampling a v-prediction model as eps, would go
+    wrong silently); with `allow_config_change`, warn about the changes instead. A workdir
+    without checkpoints has nothing to compare; an unreadable config.json is warned about."""
+    if not workdir_lib.finished_steps(workdir):
+        return
     saved = workdir_lib.read_config_json(workdir)
-    if not workdir_lib.finished_steps(workdir) or saved is None:
-        return []
+    if saved is None:
+        if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+            logging.warning("Cannot read %s/config.json; not comparing configs.", workdir)
+        return
     if not allow_config_change:
         check_resume_compatible(saved, config, workdir=workdir)
-        return []
-    return locked_key_changes(saved, config)
+    elif changes := locked_key_changes(saved, config):
+        logging.warning(
+            "Using a changed config (--allow_config_change): %s",
+            ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes),
+        )

@@ -6,8 +6,8 @@
     <workdir>/samples|eval|edits|visualize/<name>...   outputs (`output_name` checks names)
 
 Writes are atomic (a temporary file in the same directory, then `os.replace`; so are
-`images.save_png` and `save_grid`), so a reader or a killed process never leaves a half-written
-file behind. In a multi-process run only the chief
+`images.save_png` and `save_grid`), so a reader never sees, and a killed process never leaves,
+a half-written file. In a multi-process run only the chief
 (process 0) writes; every function that writes says so.
 """
 
@@ -77,7 +77,8 @@ def output_name(value: str, key: str) -> str:
 
 
 def _tmp_path(path: str, suffix: str = "") -> str:
-    return f"{path}.tmp{os.getpid()}{suffix}"
+    # A fixed name: a write killed half-way leaves one stale file that the next write replaces.
+    return f"{path}.tmp{suffix}"
 
 
 def atomic_write_text(path: str, text: str) -> None:
