@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdirs/digits
 
-.PHONY: install digits digits-eval digits-table test pytest lint format bench clean
+.PHONY: install digits digits-eval digits-table test test-fast pytest lint format bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ digits-eval: install
 	$(BIN)/python -m experiments.reference_stats --dataset=digits --split=test --network=digits
 	$(BIN)/python -m experiments.main --config=configs/digits.py --workdir=$(WORKDIR) --mode=eval
 
-# The README's digits table: digits FD of 1000 samples per sampler and step count, then the table.
+# The digits table of docs/evaluation.md: digits FD of 1000 samples per sampler and step count, then the table.
 TABLE_SAMPLERS ?= ddpm ddim dpm_solver++ heun
 TABLE_STEPS ?= 10 20 50 100 1000
 digits-table: install
@@ -37,11 +37,16 @@ digits-table: install
 	done; done
 	$(BIN)/python -m experiments.eval_table --workdir=$(WORKDIR) --metric=fd
 
-# Lint, type check, then the test suite (what CI runs).
+# Lint, type check, then the whole test suite, slow end-to-end tests included (what CI runs).
 test: lint pytest
 
 pytest: install
 	$(BIN)/python -m pytest -q
+
+# The iteration loop: no lint, and no tests marked slow (multi-process, kill/SIGTERM, 8-device,
+# notebook, sweep end-to-end, Inception compile).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .
@@ -54,7 +59,7 @@ format: install
 	$(BIN)/ruff format .
 
 bench: install
-	$(BIN)/python benchmarks/run.py --quick
+	$(BIN)/python -m benchmarks.run --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

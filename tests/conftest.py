@@ -1,8 +1,14 @@
-"""Shared fixtures: a digits dataset built once per session and a tiny, fast config."""
+"""Shared fixtures: a digits dataset built once per session, a tiny, fast config, and tiny runs
+trained once per session (plain and learn_sigma) that tests read or copy."""
 
 from __future__ import annotations
 
+import copy
 import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -78,27 +84,83 @@ def tiny_config(digits_data_dir: str) -> ml_collections.ConfigDict:
     return make_tiny_config(digits_data_dir)
 
 
-@pytest.fixture(scope="session")
-def _trained_tiny_run(
-    digits_data_dir: str, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[str, ml_collections.ConfigDict]:
+class TrainedRun(NamedTuple):
+    """A tiny run trained once per session by `train_mode.train`: its workdir (checkpoints 3 and
+    6, metrics logged at steps 2, 4 and 6), the config it was trained with and the final state
+    `train` returned. Shared by every test that uses it: read it, never write to it (the
+    session fails at the end if anything did); `fresh_config()` is a copy to change."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    state: Any
+
+    def fresh_config(self) -> ml_collections.ConfigDict:
+        return copy.deepcopy(self.config)
+
+
+def _files(root: str) -> dict[str, tuple[int, int]]:
+    """{path: (size, mtime)} of every file and directory under `root`."""
+    found = {}
+    for directory, subdirs, names in os.walk(root):
+        for name in subdirs + names:
+            path = os.path.join(directory, name)
+            stat = os.lstat(path)
+            found[os.path.relpath(path, root)] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def _train_shared_run(
+    tmp_path_factory: pytest.TempPathFactory, name: str, config: ml_collections.ConfigDict
+) -> Iterator[TrainedRun]:
     from diffusion_jax.runner import train as train_mode
 
+    workdir = str(tmp_path_factory.mktemp(name) / "run")
+    state = train_mode.train(config, workdir)
+    before = _files(workdir)
+    yield TrainedRun(workdir, config, state)
+    changed = sorted(set(before.items()) ^ set(_files(workdir).items()))
+    assert not changed, (
+        f"a test wrote to the session's shared {name} (write to a copy: trained_* fixtures): "
+        f"{sorted({path for path, _ in changed})}"
+    )
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_run(
+    digits_data_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TrainedRun]:
+    """The tiny config trained for 6 steps, once per session; read only (see TrainedRun)."""
+    yield from _train_shared_run(tmp_path_factory, "tiny_run", make_tiny_config(digits_data_dir))
+
+
+@pytest.fixture(scope="session")
+def shared_learn_sigma_run(
+    digits_data_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TrainedRun]:
+    """The tiny config with model.learn_sigma=True trained for 6 steps, once per session; read
+    only (see TrainedRun)."""
     config = make_tiny_config(digits_data_dir)
-    workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
-    train_mode.train(config, workdir)
-    return workdir, config
+    config.model.learn_sigma = True
+    yield from _train_shared_run(tmp_path_factory, "learn_sigma_run", config)
+
+
+def _copy_run(run: TrainedRun, tmp_path: Path) -> tuple[str, ml_collections.ConfigDict]:
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run.workdir, workdir, symlinks=True)
+    return workdir, run.fresh_config()
 
 
 @pytest.fixture
 def trained_tiny_run(
-    _trained_tiny_run: tuple[str, ml_collections.ConfigDict], tmp_path
+    shared_tiny_run: TrainedRun, tmp_path: Path
 ) -> tuple[str, ml_collections.ConfigDict]:
-    """(workdir, config) of a tiny run trained once per session; each test gets its own copy."""
-    import copy
-    import shutil
+    """(workdir, config) of this test's own copy of `shared_tiny_run`, free to write to."""
+    return _copy_run(shared_tiny_run, tmp_path)
 
-    source, config = _trained_tiny_run
-    workdir = str(tmp_path / "run")
-    shutil.copytree(source, workdir)
-    return workdir, copy.deepcopy(config)
+
+@pytest.fixture
+def trained_learn_sigma_run(
+    shared_learn_sigma_run: TrainedRun, tmp_path: Path
+) -> tuple[str, ml_collections.ConfigDict]:
+    """(workdir, config) of this test's own copy of `shared_learn_sigma_run`."""
+    return _copy_run(shared_learn_sigma_run, tmp_path)

@@ -15,16 +15,12 @@ from matplotlib.figure import Figure
 from diffusion_jax import analysis
 from diffusion_jax.checkpointing import NoCheckpointError
 from diffusion_jax.runner import sweeps
-from diffusion_jax.runner import train as train_mode
-from tests.conftest import make_tiny_config
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, digits_data_dir) -> str:
-    """A tiny run trained for 6 steps (checkpoints 3 and 6, losses logged at 2, 4, 6)."""
-    path = str(tmp_path_factory.mktemp("analysis") / "run")
-    train_mode.train(make_tiny_config(digits_data_dir), path)
-    return path
+def workdir(shared_tiny_run) -> str:
+    """The session's tiny run (checkpoints 3 and 6, losses logged at 2, 4, 6); read only."""
+    return shared_tiny_run.workdir
 
 
 @pytest.fixture(scope="module")

@@ -174,6 +174,7 @@ def test_preprocess_matches_torch_bilinear_resize(height: int, width: int, chann
     np.testing.assert_allclose(x, np.broadcast_to(want, x.shape), atol=1e-4)
 
 
+@pytest.mark.slow  # compiles the full Inception-v3 twice (batch 3 and batch 1)
 def test_forward_gives_finite_features_and_logits_independent_of_batch_size(
     weights_path: str, digit_images: np.ndarray
 ) -> None:

@@ -13,7 +13,6 @@ import pytest
 from diffusion_jax import diffusion, samplers, schedules
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.runner import loading
-from diffusion_jax.runner import train as train_mode
 from diffusion_jax.runner.validation import ConfigError, validate_config
 
 SCH = schedules.get_schedule("cosine", 100)
@@ -73,7 +72,7 @@ def test_respaced_learned_range_bounds_equal_those_of_the_respaced_schedule(
 ) -> None:
     ts = samplers.get_timesteps(100, num_steps, spacing)
     ab = SCH.alphas_cumprod[ts]
-    min_log, max_log = samplers._learned_range_bounds(ab)
+    min_log, max_log = samplers.ddpm.learned_range_bounds(ab)
     # Improved DDPM's respacing: a schedule whose alphas_cumprod are ab at the kept timesteps.
     ab_asc = ab[::-1]
     betas = 1.0 - ab_asc / np.append(1.0, ab_asc[:-1])
@@ -212,17 +211,14 @@ def test_config_refuses_learned_range_without_learn_sigma_and_negative_vlb_weigh
 
 
 def test_learn_sigma_model_trains_on_digits_and_samples_with_ddpm_and_ddim(
-    tiny_config, tmp_path
+    shared_learn_sigma_run,
 ) -> None:
-    tiny_config.model.learn_sigma = True
-    tiny_config.training.num_train_steps = 4
-    tiny_config.training.checkpoint_every = 4
-    workdir = str(tmp_path / "run")
-    state = train_mode.train(tiny_config, workdir)
-    assert int(state.step) == 4 and int(state.nonfinite_steps) == 0
+    workdir, config, state = shared_learn_sigma_run  # the tiny config with learn_sigma=True
+    assert config.model.learn_sigma
+    assert int(state.step) == 6 and int(state.nonfinite_steps) == 0
     with open(f"{workdir}/metrics.jsonl") as f:
         losses = [json.loads(line)["loss"] for line in f]
-    assert len(losses) == 2 and np.all(np.isfinite(losses))
+    assert len(losses) == 3 and np.all(np.isfinite(losses))
     loaded = loading.load_run(workdir)
     assert loaded.setup.model.learn_sigma
     ddpm = loaded.sample(4, sampler="ddpm", num_steps=10, variance="learned_range")

@@ -1,4 +1,4 @@
-"""The example notebook runs top to bottom on a tiny trained run, so it cannot rot unnoticed."""
+"""The example notebook runs top to bottom on the session's tiny run, so it cannot rot unnoticed."""
 
 from __future__ import annotations
 
@@ -12,19 +12,17 @@ pytest.importorskip("ipykernel", reason="the 'notebook' extra is not installed")
 pytest.importorskip("matplotlib", reason="the 'notebook' extra is not installed")
 
 from diffusion_jax.runner import sweeps  # noqa: E402
-from diffusion_jax.runner import train as train_mode  # noqa: E402
-from tests.conftest import COMPILATION_CACHE_ENV, make_tiny_config  # noqa: E402
+from tests.conftest import COMPILATION_CACHE_ENV  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "digits_analysis.ipynb")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a Jupyter kernel
 def test_digits_notebook_runs_without_errors_and_shows_images(
-    digits_data_dir, tmp_path, monkeypatch
+    shared_tiny_run, tmp_path, monkeypatch
 ):
-    workdir = tmp_path / "run"
-    train_mode.train(make_tiny_config(digits_data_dir), str(workdir))
+    workdir = shared_tiny_run.workdir  # the notebook only reads it
     # A sweep directory whose two points are the same run, for the comparison cells.
     sweep_dir = tmp_path / "sweep"
     sweep_dir.mkdir()

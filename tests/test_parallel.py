@@ -22,9 +22,8 @@ import pytest
 from diffusion_jax import parallel
 from diffusion_jax.runner import sample as sample_mode
 from diffusion_jax.runner import train as train_mode
-from diffusion_jax.runner.validation import ConfigError, validate_config
 from diffusion_jax.runner.workdir import read_metrics
-from tests.conftest import COMPILATION_CACHE_ENV, make_tiny_config
+from tests.conftest import COMPILATION_CACHE_ENV
 from tests.distributed_worker import flat_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,13 +78,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def one_device_run(digits_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The tiny config trained on this process's single device; its samples (batch 4)."""
+def one_device_run(shared_tiny_run: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The session's tiny run, trained on this process's single device; its samples (batch 4),
+    sampled in a copy of it."""
     workdir = tmp_path_factory.mktemp("one_device") / "run"
-    config = make_tiny_config(digits_data_dir)
-    state = train_mode.train(config, str(workdir))
-    samples = _samples(sample_mode.sample(config, str(workdir)))
-    return workdir, flat_params(state.params), samples
+    shutil.copytree(shared_tiny_run.workdir, workdir)
+    samples = _samples(sample_mode.sample(shared_tiny_run.fresh_config(), str(workdir)))
+    return workdir, flat_params(shared_tiny_run.state.params), samples
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +106,13 @@ def eight_device_run(digits_data_dir: str, tmp_path_factory: pytest.TempPathFact
     return workdir, dict(np.load(out / "params_0.npz")), _samples(out / "samples_0.npz")
 
 
+@pytest.mark.slow  # an 8-device subprocess
 def test_eight_devices_give_the_losses_and_params_of_one_device(one_device_run, eight_device_run):
     np.testing.assert_allclose(_losses(eight_device_run[0]), _losses(one_device_run[0]), rtol=1e-5)
     _assert_params_close(eight_device_run[1], one_device_run[1])
 
 
+@pytest.mark.slow  # an 8-device subprocess
 def test_samples_of_a_fixed_seed_are_identical_on_eight_devices_and_one(
     eight_device_run, tiny_config, tmp_path
 ):
@@ -123,6 +124,7 @@ def test_samples_of_a_fixed_seed_are_identical_on_eight_devices_and_one(
     np.testing.assert_array_equal(one_device, eight_device_run[2])
 
 
+@pytest.mark.slow  # an 8-device subprocess
 def test_checkpoint_saved_on_eight_devices_resumes_on_one_like_the_one_device_run(
     one_device_run, eight_device_run, tiny_config, tmp_path
 ):
@@ -136,6 +138,7 @@ def test_checkpoint_saved_on_eight_devices_resumes_on_one_like_the_one_device_ru
     _assert_params_close(resumed["eight"], resumed["one"])
 
 
+@pytest.mark.slow  # two jax.distributed processes
 def test_two_processes_train_sample_and_checkpoint_like_one_process(
     one_device_run, digits_data_dir, tmp_path
 ):
@@ -173,17 +176,6 @@ def test_two_processes_train_sample_and_checkpoint_like_one_process(
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
     np.testing.assert_allclose(_losses(workdir), _losses(one_device_run[0]), rtol=1e-5)
     np.testing.assert_array_equal(_samples(out / "samples_0.npz"), one_device_run[2])
-
-
-def test_batch_that_does_not_divide_over_the_devices_is_refused_before_training(tiny_config):
-    tiny_config.training.batch_size = 12
-    with pytest.raises(ConfigError, match=r"training\.batch_size=12 does not divide over 8"):
-        validate_config(tiny_config, num_devices=8)
-    tiny_config.training.batch_size = 16
-    with pytest.raises(ConfigError, match=r"sampling\.batch_size=4 does not divide over 8"):
-        validate_config(tiny_config, num_devices=8)
-    tiny_config.sampling.batch_size = 8
-    validate_config(tiny_config, num_devices=8)
 
 
 def test_global_batch_places_local_rows_on_the_batch_sharding():

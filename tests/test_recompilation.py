@@ -15,9 +15,11 @@ from contextlib import contextmanager
 
 import jax
 import numpy as np
+import pytest
 
-from diffusion_jax import parallel, schedules, train_state
+from diffusion_jax import parallel
 from diffusion_jax.runner import generate
+from diffusion_jax.runner.setup import ModelSetup
 from tests.conftest import make_tiny_config
 
 
@@ -45,43 +47,25 @@ def compile_log() -> Iterator[list[str]]:
         logger.removeHandler(handler)
 
 
-def _setup() -> tuple:
-    # data_dir is unused: batches are random numpy arrays, as the data iterator yields them.
-    config = make_tiny_config(data_dir="")
-    model = train_state.create_model(config.model, None)
-    schedule = schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    optimizer = train_state.create_optimizer(config.training)
-    mesh = parallel.create_mesh()
-    return config, model, schedule, optimizer, mesh
+@pytest.fixture(scope="module")
+def setup(digits_data_dir: str) -> ModelSetup:
+    """What the runner builds for the tiny config: model, schedule, optimizer, mesh."""
+    return ModelSetup(make_tiny_config(digits_data_dir))
 
 
-def test_train_step_compiles_once_across_steps_with_new_batches() -> None:
-    config, model, schedule, optimizer, mesh = _setup()
-    replicated = parallel.replicated_sharding(mesh)
-    init = jax.jit(
-        lambda rng: train_state.init_train_state(model, optimizer, rng, (8, 8, 1)),
-        out_shardings=replicated,
-    )
-    # Exactly as train_loop jits it.
-    train_step = jax.jit(
-        train_state.make_train_step(
-            model, schedule, optimizer, config.diffusion, config.training.ema_decay
-        ),
-        in_shardings=(replicated, parallel.batch_sharding(mesh)),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+def test_train_step_compiles_once_across_steps_with_new_batches(setup: ModelSetup) -> None:
+    train_step = setup.train_step()  # the jitted step the training loop runs
     rng = np.random.default_rng(0)
-    batch_size = config.training.batch_size
+    batch_size = setup.config.training.batch_size
 
-    def batch() -> dict:
+    def batch() -> dict:  # random numpy arrays, as the data iterator yields them
         host = {
-            "image": rng.uniform(-1, 1, (batch_size, 8, 8, 1)).astype(np.float32),
+            "image": rng.uniform(-1, 1, (batch_size, *setup.image_shape)).astype(np.float32),
             "label": rng.integers(0, 10, batch_size).astype(np.int32),
         }
-        return parallel.global_batch(host, mesh)
+        return parallel.global_batch(host, setup.mesh)
 
-    state = init(jax.random.PRNGKey(0))
+    state = setup.init_state(jax.random.PRNGKey(0))
     with compile_log() as compiled:
         state, metrics = train_step(state, batch())  # the step's one compilation
         jax.block_until_ready(metrics)
@@ -94,22 +78,10 @@ def test_train_step_compiles_once_across_steps_with_new_batches() -> None:
     assert int(state.step) == 5
 
 
-def test_sampler_compiles_once_for_new_seeds_ids_and_params() -> None:
-    config, model, schedule, optimizer, mesh = _setup()
-    params = jax.jit(lambda rng: train_state.init_train_state(model, optimizer, rng, (8, 8, 1)))(
-        jax.random.PRNGKey(0)
-    ).ema_params
-    params = jax.device_put(params, parallel.replicated_sharding(mesh))
+def test_sampler_compiles_once_for_new_seeds_ids_and_params(setup: ModelSetup) -> None:
+    params = jax.device_put(setup.init_state(jax.random.PRNGKey(0)).ema_params, setup.replicated)
     batch_size = 4
-    sample_fn = generate.make_sample_fn(
-        model,
-        schedule,
-        config.sampling,
-        config.diffusion.prediction,
-        (8, 8, 1),
-        batch_size,
-        mesh,
-    )
+    sample_fn = setup.sample_fn(batch_size)  # the jitted sampler sample and eval modes run
     new_params = jax.tree.map(lambda p: p * 1.01, params)
     with compile_log() as compiled:
         first_images = list(

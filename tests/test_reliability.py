@@ -7,7 +7,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,11 @@ from diffusion_jax.errors import ConfigError, NonFiniteError
 from diffusion_jax.runner import sample as sample_mode
 from diffusion_jax.runner import train as train_mode
 from diffusion_jax.runner.workdir import read_metrics
-from tests.conftest import COMPILATION_CACHE_ENV, TINY_OVERRIDES, make_tiny_config
+from tests.conftest import COMPILATION_CACHE_ENV, TINY_OVERRIDES
+
+# Orbax leaves the coroutines of a failed restore (the corrupt-checkpoint tests) unfinished; they
+# complain when garbage-collected, which may happen during any later test of this module.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Metrics that depend only on the computation (not on timing).
@@ -68,7 +71,9 @@ def _checkpoint_entries(workdir: str) -> list[str]:
 
 def _saved_state_leaves(workdir: str, step: int) -> list[np.ndarray]:
     """The leaves of the 'state' item saved at `step`, read without a target structure."""
-    manager = ocp.CheckpointManager(checkpointing.checkpoint_dir(workdir))
+    manager = ocp.CheckpointManager(
+        checkpointing.checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True)
+    )
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     manager.close()
     return [np.asarray(x) for x in jax.tree.leaves(restored["state"])]
@@ -78,6 +83,7 @@ def _computed_metrics(workdir: str) -> dict[int, dict[str, float]]:
     return {int(r["step"]): {k: r[k] for k in COMPUTED_METRICS} for r in read_metrics(str(workdir))}
 
 
+@pytest.mark.slow  # four training processes, killed and rerun
 def test_sigkilled_cli_run_rerun_after_each_kill_matches_uninterrupted_run_bit_for_bit(
     digits_data_dir, tmp_path
 ):
@@ -114,6 +120,7 @@ def test_sigkilled_cli_run_rerun_after_each_kill_matches_uninterrupted_run_bit_f
     assert _computed_metrics(killed_dir) == _computed_metrics(straight_dir)
 
 
+@pytest.mark.slow  # a training process stopped by SIGTERM
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_zero(digits_data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     run = _start_cli(
@@ -158,19 +165,10 @@ def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tiny_con
     assert all(np.isfinite(x).all() for x in _saved_state_leaves(workdir, 3) if x.dtype.kind == "f")
 
 
-@pytest.fixture(scope="module")
-def trained_workdir(digits_data_dir, tmp_path_factory) -> str:
-    """A finished 6-step tiny run with checkpoints 3 and 6; copy it before changing it."""
-    workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    train_mode.train(make_tiny_config(digits_data_dir), workdir)
-    return workdir
-
-
 @pytest.fixture
-def workdir_copy(trained_workdir, tmp_path) -> str:
-    copy = str(tmp_path / "run")
-    shutil.copytree(trained_workdir, copy)
-    return copy
+def workdir_copy(trained_tiny_run) -> str:
+    """A copy of the session's finished 6-step tiny run (checkpoints 3 and 6)."""
+    return trained_tiny_run[0]
 
 
 def test_resume_with_a_changed_model_shape_is_refused_naming_keys_and_flag(
@@ -216,11 +214,9 @@ def _corrupt_largest_state_file(workdir: str, step: int, how: str) -> None:
             f.truncate(os.path.getsize(largest) // 2)
 
 
-# Orbax leaves the coroutines of the failed restore unfinished; they complain when collected.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("how", ["deleted", "truncated"])
 def test_corrupt_latest_checkpoint_falls_back_to_previous_with_a_warning(
-    tiny_config, trained_workdir, workdir_copy, how, caplog
+    tiny_config, shared_tiny_run, workdir_copy, how, caplog
 ):
     _corrupt_largest_state_file(workdir_copy, 6, how)
     with caplog.at_level(logging.WARNING):
@@ -233,13 +229,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_with_a_warning(
     assert checkpointing.finished_steps(workdir_copy) == [3, 6]
     # Resumed from 3 and retrained 4..6 exactly: the same parameters as the intact run.
     for a, b in zip(
-        _saved_state_leaves(trained_workdir, 6), _saved_state_leaves(workdir_copy, 6), strict=True
+        _saved_state_leaves(shared_tiny_run.workdir, 6),
+        _saved_state_leaves(workdir_copy, 6),
+        strict=True,
     ):
         np.testing.assert_array_equal(a, b)
     assert int(state.step) == 6
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_sample_mode_skips_a_corrupt_latest_checkpoint_and_leaves_it_in_place(
     tiny_config, workdir_copy, caplog
 ):

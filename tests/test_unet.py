@@ -50,11 +50,6 @@ def tiny_params(tiny_init_params: Any) -> Any:
     return _perturb(tiny_init_params)
 
 
-def test_cifar10_config_has_reference_param_count() -> None:
-    model = UNet(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,))
-    assert count_params(model, (32, 32, 3)) == 35_746_307
-
-
 def test_class_embedding_adds_num_classes_plus_one_rows() -> None:
     base = UNet(**TINY)
     cond = UNet(**TINY, num_classes=10)
@@ -257,22 +252,33 @@ def test_model_raises_clear_value_error_before_compute(
 
 
 def test_remat_gives_the_same_outputs_and_gradients_with_the_same_parameters() -> None:
-    kwargs = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
-    plain, remat = UNet(**kwargs), UNet(**kwargs, remat=True)
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
-    t = jnp.array([3, 700])
-    params = plain.init(jax.random.key(1), x, t, train=False)["params"]
-    assert jax.tree.structure(params) == jax.tree.structure(
-        remat.init(jax.random.key(1), x, t, train=False)["params"]
+    # One level: every residual block (what remat wraps) of the down, middle and up paths, and
+    # half the compile time of two levels. Random parameters, not init's: with the
+    # zero-initialised output conv most gradients would be zero.
+    kwargs = dict(ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=8)
+    plain, remat = UNet(**kwargs, dropout=0.1), UNet(**kwargs, dropout=0.1, remat=True)
+    x, t = _inputs()
+    shapes = jax.eval_shape(lambda: plain.init(jax.random.key(1), x, t, train=False))["params"]
+    remat_shapes = jax.eval_shape(lambda: remat.init(jax.random.key(1), x, t, train=False))
+    assert jax.tree.structure(shapes) == jax.tree.structure(remat_shapes["params"])
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(
+        lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape, dtype=np.float32)), shapes
     )
 
-    def loss(model, p):
+    def loss(model: UNet, p: Any) -> jax.Array:
         out = model.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.key(2)})
         return jnp.sum(out**2)
 
     (l1, g1), (l2, g2) = (
-        jax.value_and_grad(lambda p, m=m: loss(m, p))(params) for m in (plain, remat)
+        jax.jit(jax.value_and_grad(lambda p, m=m: loss(m, p)))(params) for m in (plain, remat)
     )
+    assert float(l1) > 0
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g1))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        # float32 sums in another order: absolute differences relative to the largest gradient.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
+    # The signal reaches most of the network, so most gradients compared are far from zero.
+    leaf_maxima = [float(np.abs(g).max()) for g in jax.tree.leaves(g1)]
+    assert np.mean([m > 1e-3 * scale for m in leaf_maxima]) > 0.8
