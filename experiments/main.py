@@ -1,7 +1,5 @@
-r"""Train a diffusion model described by an ml_collections config, or use a trained one.
-
+r"""Train a diffusion model described by an ml_collections config, or use a trained one:
     python -m experiments.main --config=configs/digits.py --workdir=workdirs/digits [--mode=...]
-
 Rerunning a train command resumes it; SIGTERM saves a checkpoint and exits with status 0.
 """
 
