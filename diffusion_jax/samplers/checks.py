@@ -27,8 +27,9 @@ def validate_sampler_args(
     temperature: Any = 1.0,
     learn_sigma: bool = False,
     lower_order_final: bool = True,
-) -> None:
-    """Raise ValueError naming the allowed values / the fix for any bad sampler option."""
+) -> SamplerOptions:
+    """Raise ValueError naming the allowed values / the fix for any bad sampler option; return
+    the checked options the samplers read."""
     chosen = registry.get_sampler(sampler)
     if prediction not in diffusion.PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; use one of {diffusion.PREDICTIONS}")
@@ -55,6 +56,7 @@ def validate_sampler_args(
             option.check(getattr(options, option.name), options)
     if is_real(temperature) and not temperature >= 0.0:
         raise ValueError(f"temperature must be >= 0; got {temperature!r}")
+    return options
 
 
 def validate_on_schedule(

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from diffusion_jax import diffusion
 from diffusion_jax.guidance import conditioned_model
 from diffusion_jax.samplers import registry
-from diffusion_jax.samplers.base import Chain, SamplerOptions
+from diffusion_jax.samplers.base import Chain
 from diffusion_jax.samplers.checks import validate_sampler_args
 from diffusion_jax.samplers.denoise import Denoiser
 from diffusion_jax.samplers.noise import Noise, resolve_sample_ids
@@ -90,7 +90,7 @@ def sample(
     Raises ValueError (before tracing the model) for bad options, naming the allowed values.
     """
     num_timesteps = sch.num_timesteps
-    validate_sampler_args(
+    options = validate_sampler_args(
         sampler=sampler,
         num_steps=num_steps,
         num_timesteps=num_timesteps,
@@ -142,13 +142,7 @@ def sample(
             dtype=dtype,
         ),
         noise=noise,
-        options=SamplerOptions(
-            eta=eta,
-            variance=variance,
-            lower_order_final=lower_order_final,
-            temperature=temperature,
-            learn_sigma=learn_sigma,
-        ),
+        options=options,
     )
     scan = registry.get_sampler(sampler).build(chain)
 
