@@ -274,6 +274,7 @@ def _generate_shards(
     }
     chief = workdir_lib.is_chief()
     _start_or_resume(shard_dir, manifest, chief)
+    batch_size = min(e.batch_size, generate.device_multiple(e.num_samples, jax.device_count()))
     sample_fn = None
     shards, generated = [], 0
     for k, first in enumerate(range(0, e.num_samples, e.shard_size)):
@@ -286,15 +287,13 @@ def _generate_shards(
                 shards.append(shard)
                 continue
         if sample_fn is None:  # compile only when something is left to generate
-            sample_fn = setup.sample_fn(
-                min(e.batch_size, _round_up(e.num_samples, jax.device_count()))
-            )
+            sample_fn = setup.sample_fn(batch_size)
         batches = generate.generate_batches(
             sample_fn,
             params,
             seed=config.sampling.seed,
             num_samples=count,
-            batch_size=min(e.batch_size, _round_up(e.num_samples, jax.device_count())),
+            batch_size=batch_size,
             labels_fn=setup.labels_fn(),
             first_id=first,
         )
@@ -306,10 +305,6 @@ def _generate_shards(
         if after_shard is not None:
             after_shard(k)
     return np.concatenate(shards), generated
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _start_or_resume(shard_dir: str, manifest: dict[str, Any], chief: bool) -> None:

@@ -43,6 +43,12 @@ def sample_labels(
     return (sample_ids % num_classes).astype(np.int32)
 
 
+def device_multiple(n: int, num_devices: int) -> int:
+    """The smallest multiple of `num_devices` that is >= n: a batch that holds n samples and
+    splits evenly over the devices."""
+    return -(-n // num_devices) * num_devices
+
+
 def make_sample_fn(
     model: UNet,
     schedule: schedules.Schedule,

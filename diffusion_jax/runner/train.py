@@ -128,7 +128,7 @@ def _train(
 
     train_step = setup.train_step()
     writer = workdir_lib.MetricWriter(workdir)
-    grid_fn = setup.sample_fn(_grid_batch_size(tcfg.num_grid_samples, setup.mesh))
+    grid_fn = setup.sample_fn(generate.device_multiple(tcfg.num_grid_samples, setup.mesh.size))
     nan_steps = set(tcfg.debug_nan_steps)
     save_seconds, num_saves = 0.0, 0
 
@@ -270,19 +270,13 @@ def _write_training_grid(
         state.ema_params,
         seed=config.sampling.seed,
         num_samples=num,
-        batch_size=_grid_batch_size(num, setup.mesh),
+        batch_size=generate.device_multiple(num, setup.mesh.size),
         labels_fn=setup.labels_fn(),
     )
     grid = np.concatenate(list(batches))
     if workdir_lib.is_chief():
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
         images.save_grid(os.path.join(workdir, "samples", f"train_step{step}.png"), grid)
-
-
-def _grid_batch_size(num_samples: int, mesh: jax.sharding.Mesh) -> int:
-    """Smallest multiple of the device count that holds `num_samples`."""
-    devices = mesh.devices.size
-    return -(-num_samples // devices) * devices
 
 
 def _format_seconds(seconds: float) -> str:

@@ -12,7 +12,6 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax import images, visualize
-from diffusion_jax.runner import generate
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.edit import load_for_edit, source_images
 
@@ -32,7 +31,7 @@ def visualize_mode(
     visualize/reverse_<sampler><steps>_seed<seed>.png: edit.num_images samples drawn with
     config.sampling, rows x_t / x0 prediction at REVERSE_STRIP_COLUMNS evenly spaced model
     evaluations; .gif: one frame per model evaluation (x_t above, x0 prediction below).
-    Class-conditional models sample the labels of `generate.sample_labels`.
+    Class-conditional models sample the labels of `ModelSetup.labels_fn`.
     Returns [forward png, reverse png, reverse gif].
     """
     run = load_for_edit(config, workdir, allow_config_change)
@@ -44,9 +43,8 @@ def visualize_mode(
     forward = visualize.forward_strip(run.schedule, x0, timesteps, jax.random.fold_in(rng, 1))
 
     num = config.edit.num_images
-    labels = None
-    if run.num_classes is not None:
-        labels = generate.sample_labels(np.arange(num), config.sampling, run.num_classes)
+    labels_fn = run.setup.labels_fn()
+    labels = None if labels_fn is None else labels_fn(np.arange(num))
     frames = visualize.reverse_frames(
         run.model_fn(), run.schedule, (num, *x0.shape[1:]), rng, labels=labels, **spec.kwargs()
     )
