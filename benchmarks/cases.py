@@ -140,7 +140,12 @@ def train_case(config: ml_collections.ConfigDict, batch_size: int) -> TrainCase:
         out_shardings=parallel.replicated_sharding(mesh),
     )(jax.random.PRNGKey(0))
     step = train_state.make_train_step(
-        model, schedule, optimizer, config.diffusion, config.training.ema_decay
+        model,
+        schedule,
+        optimizer,
+        config.diffusion,
+        config.training.ema_decay,
+        config.training.ema_warmup,
     )
     return TrainCase(
         config=config,

@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     training.adam_b1 = 0.9
     training.adam_b2 = 0.999
     training.ema_decay = 0.9999
+    # How the EMA starts: 'debias' | 'ramp' | 'none' (train_state.EMA_WARMUPS; docs/commands.md).
+    training.ema_warmup = "debias"
     training.log_every = 100
     training.checkpoint_every = 1000
     training.max_checkpoints_to_keep = 3
@@ -71,7 +73,13 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.sampler = "ddim"  # 'ddpm' | 'ddim' | 'dpm_solver++' | 'heun'
     sampling.num_steps = 50
     sampling.eta = 0.0
+    # 'linspace' | 'leading' | 'trailing' | 'quadratic' | 'karras' | 'logsnr' (docs/samplers.md)
     sampling.timestep_spacing = "linspace"
+    sampling.sigma_max = 80.0  # 'karras' and 'logsnr': the largest sigma visited
+    sampling.rho = 7.0  # 'karras': Karras et al.'s rho
+    # > 0: jump from x_T to this timestep with the data's Gaussian model (exact probability-flow
+    # map, stats of the train split stored in the workdir) and sample from there. 0 = off.
+    sampling.gaussian_start_t = 0
     sampling.clip_x0 = True
     sampling.temperature = 1.0
     # ddpm: 'fixed_small' | 'fixed_large' | 'learned_range' (a model.learn_sigma model's own)

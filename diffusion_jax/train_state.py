@@ -32,6 +32,13 @@ Batch = Mapping[str, jax.Array]
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# How the EMA's decay starts (`ema_decay_at`): 'debias' weights the parameters seen so far by
+# decay^age, normalised (the initial parameters get weight 0 from the first update); 'ramp' is
+# min(decay, (1 + step) / (10 + step)) (TF's ExponentialMovingAverage num_updates); 'none' is the
+# constant decay from a copy of the initial parameters, whose weight decay^step lingers (13.5% at
+# step 1000 with 0.998), as in runs saved before the option existed.
+EMA_WARMUPS = ("debias", "ramp", "none")
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -94,7 +101,8 @@ def init_train_state(
     rng: jax.Array,
     image_shape: tuple[int, int, int],
 ) -> TrainState:
-    """Fresh state; the EMA starts as a copy of the initial parameters (never at zero)."""
+    """Fresh state; the EMA starts as a copy of the initial parameters (never at zero; with an
+    EMA warm-up the first update replaces it, `ema_decay_at`)."""
     init_rng, state_rng = jax.random.split(rng)
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
@@ -111,14 +119,38 @@ def init_train_state(
     )
 
 
+def ema_decay_at(step: jax.Array, decay: float, warmup: str) -> jax.Array:
+    """The decay of the EMA update made by the step that starts at `step` (int, 0-based: the
+    number of updates before it), as float32 (); see `EMA_WARMUPS`.
+
+    'debias': (decay - decay^n) / (1 - decay^n) with n = step + 1, so the EMA after n updates
+    is sum_k decay^(n-k) p_k / sum_k decay^(n-k) over the parameters p_1..p_n (optax's
+    `ema(debias=True)` without its zero-initialised state): 0 at the first update.
+    """
+    if warmup not in EMA_WARMUPS:
+        raise ConfigError(f"unknown training.ema_warmup {warmup!r}; use one of {EMA_WARMUPS}")
+    d = jnp.float32(decay)
+    if warmup == "none" or decay == 0.0:
+        return d
+    n = jnp.asarray(step, jnp.float32) + 1.0
+    if warmup == "ramp":
+        return jnp.minimum(d, n / (n + 9.0))
+    d_n = jnp.power(d, n)
+    return (d - d_n) / (1.0 - d_n)
+
+
 def make_train_step(
     model: UNet,
     schedule: schedules.Schedule,
     optimizer: optax.GradientTransformation,
     diffusion_config: Any,
     ema_decay: float,
+    ema_warmup: str = "none",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """A pure `train_step(state, batch) -> (state, metrics)` to be jitted by the caller.
+
+    The EMA update of the step starting at `state.step` uses `ema_decay_at(state.step,
+    ema_decay, ema_warmup)`.
 
     batch: {'image': float32 (B, H, W, C) in [-1, 1], 'label': int32 (B,)}. The loss is the mean
     over the global batch, so the same batch on 1 or N devices gives the same update.
@@ -160,7 +192,8 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+        decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+        ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
 
         def keep_if_bad(new: PyTree, old: PyTree) -> PyTree:
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

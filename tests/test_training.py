@@ -25,7 +25,10 @@ def _digits_batch(config, batch_size=16):
     return next(iterator)
 
 
-def test_ema_starts_as_a_copy_of_params_and_tracks_them_with_the_decay(tiny_config):
+def test_ema_without_warmup_starts_as_a_copy_of_params_and_tracks_them_with_the_decay(
+    tiny_config,
+):
+    tiny_config.training.ema_warmup = "none"
     state, train_step = _setup(tiny_config)
     state = jax.device_get(state)  # the step donates its input
     for p, e in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params), strict=True):
@@ -39,6 +42,48 @@ def test_ema_starts_as_a_copy_of_params_and_tracks_them_with_the_decay(tiny_conf
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(new_state.ema_params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert int(new_state.step) == 1
+
+
+def test_debiased_ema_is_the_normalised_decay_weighted_mean_of_the_parameters_seen(tiny_config):
+    tiny_config.training.ema_warmup = "debias"
+    tiny_config.training.ema_decay = 0.9
+    state, train_step = _setup(tiny_config)
+    batch = _digits_batch(tiny_config)
+    seen = []
+    for _ in range(3):
+        state, _ = train_step(state, batch)
+        host = jax.device_get(state)
+        seen.append(host.params)
+        if len(seen) == 1:  # the initial parameters are forgotten at the first update
+            for p, e in zip(jax.tree.leaves(host.params), jax.tree.leaves(host.ema_params)):
+                np.testing.assert_array_equal(p, e)
+    # After n updates: sum_k d^(n-k) p_k / sum_k d^(n-k).
+    weights = np.array([0.81, 0.9, 1.0])
+    expected = jax.tree.map(
+        lambda *ps: sum(w * np.asarray(p, np.float64) for w, p in zip(weights, ps)) / weights.sum(),
+        *seen,
+    )
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(host.ema_params), strict=True):
+        np.testing.assert_allclose(b, a, rtol=2e-6, atol=1e-7)
+
+
+def test_ema_decay_schedules_match_their_closed_forms():
+    steps = jnp.arange(6)
+    decay = 0.998
+    np.testing.assert_allclose(
+        train_state.ema_decay_at(steps, decay, "ramp"),
+        np.minimum(decay, (1 + np.arange(6)) / (10 + np.arange(6))),
+        rtol=1e-6,
+    )
+    n = np.arange(1, 7, dtype=np.float64)
+    np.testing.assert_allclose(
+        train_state.ema_decay_at(steps, decay, "debias"),
+        (decay - decay**n) / (1 - decay**n),
+        rtol=2e-4,  # decay - decay^n cancels in float32 at small n
+    )
+    assert float(train_state.ema_decay_at(jnp.asarray(0), decay, "debias")) == 0.0
+    assert float(train_state.ema_decay_at(jnp.asarray(10**6), decay, "debias")) == np.float32(decay)
+    assert float(train_state.ema_decay_at(jnp.asarray(3), decay, "none")) == np.float32(decay)
 
 
 def test_learning_rate_warms_up_linearly_then_stays_constant(tiny_config):

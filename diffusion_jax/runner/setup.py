@@ -6,20 +6,28 @@ of a checkpoint into it. Every mode that builds the model starts here.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, cast
 
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from diffusion_jax import checkpointing, parallel, samplers, schedules, train_state
 from diffusion_jax.data import pipeline
+from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.errors import ConfigError, DatasetNotPreparedError, NoCheckpointError
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.runner import generate
+from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.validation import validate_against_dataset
 
 PyTree = Any
+
+# The train split's Gaussian model (`DataGaussian`), stored with the run for the samplers'
+# Gaussian start.
+DATA_GAUSSIAN_FILE = "data_gaussian.npz"
 
 
 class ModelSetup:
@@ -106,21 +114,59 @@ class ModelSetup:
                 self.optimizer,
                 self.config.diffusion,
                 self.config.training.ema_decay,
+                self.config.training.ema_warmup,
             ),
             self.mesh,
         )
 
-    def sample_fn(self, batch_size: int, spec: samplers.SamplerSpec | None = None) -> Any:
+    def sample_fn(
+        self,
+        batch_size: int,
+        spec: samplers.SamplerSpec | None = None,
+        workdir: str | None = None,
+    ) -> Any:
         """The jitted, mesh-sharded sampler of `generate.make_sample_fn` for batches of
-        `batch_size`, with `spec` (default: `sampler_spec()`)."""
+        `batch_size`, with `spec` (default: `sampler_spec()`); a Gaussian start reads the
+        data's Gaussian model from `workdir` (`data_gaussian`)."""
+        spec = spec or self.sampler_spec()
         return generate.make_sample_fn(
             self.model,
             self.schedule,
-            spec or self.sampler_spec(),
+            spec,
             self.image_shape,
             batch_size,
             self.mesh,
+            data_gaussian=self.data_gaussian(workdir) if spec.gaussian_start_t else None,
         )
+
+    def data_gaussian(self, workdir: str | None = None) -> DataGaussian:
+        """The Gaussian model of the train split (`DataGaussian`, in the [-1, 1] pixel space the
+        model sees; with data.random_flip, of the split and its mirror images), as float64
+        numpy: read from `<workdir>/data_gaussian.npz`, else fitted (seconds: one pass over the
+        split and an eigendecomposition of its D x D covariance) and, by the chief, written
+        there for the run's later samplings."""
+        if getattr(self, "_data_gaussian", None) is not None:
+            return cast(DataGaussian, self._data_gaussian)
+        path = os.path.join(workdir, DATA_GAUSSIAN_FILE) if workdir else None
+        if path and os.path.exists(path):
+            with np.load(path) as stored:
+                gaussian = DataGaussian(**{k: stored[k] for k in ("mean", "eigvals", "eigvecs")})
+        else:
+            images, _ = pipeline.eval_images(self.config.data, self.config.data.train_split)
+            if self.config.data.random_flip:
+                images = np.concatenate([images, images[:, :, ::-1]])
+            gaussian = DataGaussian.fit(pipeline.to_float(images))
+            if path and workdir_lib.is_chief():
+                workdir_lib.atomic_savez(
+                    path, mean=gaussian.mean, eigvals=gaussian.eigvals, eigvecs=gaussian.eigvecs
+                )
+        if gaussian.dim != int(np.prod(self.image_shape)):
+            raise ConfigError(
+                f"{path} holds the Gaussian of {gaussian.dim}-value images; this config's are "
+                f"{self.image_shape}: delete the file to refit it"
+            )
+        self._data_gaussian: DataGaussian | None = gaussian
+        return gaussian
 
     def labels_fn(self) -> Any:
         """ids -> int32 labels of `generate.sample_labels` for a class-conditional model, else

@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from diffusion_jax import diffusion, samplers, schedules
+from diffusion_jax import diffusion, samplers, schedules, train_state
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import validate_unet_config
 from diffusion_jax.runner import workdir as workdir_lib
@@ -143,6 +143,10 @@ def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
         ]
     )
     _check_divides("training.batch_size", t.batch_size, num_devices)
+    if t.ema_warmup not in train_state.EMA_WARMUPS:
+        raise ConfigError(
+            f"training.ema_warmup={t.ema_warmup!r}; use one of {train_state.EMA_WARMUPS}"
+        )
 
 
 def check_sampling(config: ml_collections.ConfigDict, num_devices: int) -> None:
