@@ -107,7 +107,14 @@ def test_a_registered_sampler_goes_through_sampler_spec(euler: samplers.Sampler)
 def test_an_unregistered_sampler_is_unknown_again() -> None:
     samplers.register(samplers.Sampler(name="euler", build=_euler_build, ode=True, min_steps=2))
     samplers.unregister("euler")
-    assert samplers.names() == samplers.SAMPLERS == ("ddpm", "ddim", "dpm_solver++", "heun")
+    assert samplers.names() == samplers.SAMPLERS == (
+        "ddpm",
+        "ddim",
+        "dpm_solver++",
+        "dpm_solver++3m",
+        "dpm_solver++2m_sde",
+        "heun",
+    )
     with pytest.raises(ValueError, match=r"unknown sampler 'euler'; use one of \('ddpm', "):
         samplers.SamplerSpec(sampler="euler").validate(SCH)
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
@@ -261,6 +268,9 @@ def test_spec_from_the_digits_config_has_the_old_kwargs() -> None:
         "num_classes": None,
         "learn_sigma": False,
         "lower_order_final": True,
+        "sigma_max": 80.0,
+        "rho": 7.0,
+        "gaussian_start_t": 0,
     }
     assert spec.name() == "dpm_solverpp20"
     spec.validate(schedules.get_schedule("cosine", 1000))

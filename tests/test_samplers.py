@@ -82,13 +82,18 @@ def _ode_error(sampler: str, num_steps: int, sch: schedules.Schedule = SCH, **kw
         (1, 1),
     ],
 )
-def test_timesteps_are_strictly_decreasing_unique_and_end_at_zero(
+def test_timesteps_are_strictly_decreasing_unique_and_end_at_zero_but_leading_and_trailing(
     spacing: str, num_timesteps: int, num_steps: int
 ) -> None:
-    ts = samplers.get_timesteps(num_timesteps, num_steps, spacing)
+    ab = schedules.get_schedule("cosine", num_timesteps).alphas_cumprod
+    ts = samplers.get_timesteps(num_timesteps, num_steps, spacing, alphas_cumprod=ab)
     assert ts.shape == (num_steps,)
     assert np.all(np.diff(ts) < 0)
-    assert ts[-1] == 0 and ts[0] <= num_timesteps - 1
+    assert ts[0] <= num_timesteps - 1
+    if spacing == "trailing":
+        assert ts[-1] == round(num_timesteps / num_steps) - 1
+    elif spacing != "leading" and num_steps > 1:
+        assert ts[-1] == 0
     if spacing in ("linspace", "trailing", "quadratic"):
         assert ts[0] == num_timesteps - 1
 
@@ -100,13 +105,13 @@ def test_timestep_spacings_follow_their_formulas() -> None:
         samplers.get_timesteps(1000, 10, "leading"), np.arange(9, -1, -1) * 100
     )
     np.testing.assert_array_equal(
-        samplers.get_timesteps(1000, 10, "trailing"),
-        [999, 899, 799, 699, 599, 499, 399, 299, 199, 0],
+        samplers.get_timesteps(1000, 10, "trailing"),  # Lin et al. 2024, table 2
+        [999, 899, 799, 699, 599, 499, 399, 299, 199, 99],
     )
     quad = samplers.get_timesteps(1000, 10, "quadratic")
     np.testing.assert_array_equal(quad, np.round(999 * np.linspace(1, 0, 10) ** 2).astype(int))
     np.testing.assert_array_equal(samplers.get_timesteps(1000, 1000), np.arange(999, -1, -1))
-    for spacing in samplers.TIMESTEP_SPACINGS:  # one step: jump from x_T straight to x0
+    for spacing in ("linspace", "leading", "trailing", "quadratic"):  # one jump from x_T to x0
         np.testing.assert_array_equal(samplers.get_timesteps(1000, 1, spacing), [999])
 
 
@@ -469,7 +474,7 @@ def _never_called(*args: Any) -> jax.Array:
     [
         ({"sampler": "euler"}, r"unknown sampler 'euler'; use one of \('ddpm', 'ddim', "),
         ({"prediction": "score"}, r"unknown prediction 'score'; use one of \('eps', 'x0', 'v'\)"),
-        ({"timestep_spacing": "karras"}, r"unknown timestep_spacing 'karras'.*'linspace'"),
+        ({"timestep_spacing": "uniform"}, r"unknown timestep_spacing 'uniform'.*'linspace'"),
         ({"variance": "learned"}, r"unknown variance 'learned'.*'fixed_small', 'fixed_large'"),
         ({"num_steps": 1001}, r"num_steps must be an integer in \[1, 1000\].*got 1001"),
         ({"num_steps": 0}, r"num_steps must be an integer in \[1, 1000\].*got 0"),

@@ -325,10 +325,10 @@ class _TrainBatches:
             u = np.random.default_rng((self._seed, _FLIP_STREAM, k)).random(self._global_b)
             flip = u[self._p * self._b : (self._p + 1) * self._b] < 0.5
             images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-        return {"image": _to_float(images), "label": labels.astype(np.int32)}
+        return {"image": to_float(images), "label": labels.astype(np.int32)}
 
 
-def _to_float(images: np.ndarray) -> np.ndarray:
+def to_float(images: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W, C) -> float32 in [-1, 1]."""
     return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
 

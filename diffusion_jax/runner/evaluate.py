@@ -287,7 +287,7 @@ def _generate_shards(
                 shards.append(shard)
                 continue
         if sample_fn is None:  # compile only when something is left to generate
-            sample_fn = setup.sample_fn(batch_size)
+            sample_fn = setup.sample_fn(batch_size, workdir=workdir)
         batches = generate.generate_batches(
             sample_fn,
             params,

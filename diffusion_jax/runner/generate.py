@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax import images, parallel, samplers, schedules
+from diffusion_jax import diffusion, images, parallel, samplers, schedules
+from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.runner import workdir as workdir_lib
 
@@ -56,9 +57,12 @@ def make_sample_fn(
     image_shape: tuple[int, int, int],
     batch_size: int,
     mesh: Mesh,
+    data_gaussian: DataGaussian | None = None,
 ) -> SampleFn:
     """`fn(params, rng, sample_ids (B,), labels (B,) | None) -> (B, H, W, C) float32`, jitted.
 
+    data_gaussian: the data's Gaussian model for `spec.gaussian_start_t` (passed to the
+    compiled sampler as a replicated argument, not embedded in it).
     The batch axis is sharded over the mesh; params (replicated on the mesh) and rng (uint32
     (2,) key data) are replicated. rng, ids and labels may be numpy values that every process
     holds whole; the output is a global array (see `parallel.to_host`).
@@ -66,7 +70,11 @@ def make_sample_fn(
     parallel.check_divisible_batch(batch_size, mesh, "sampling.batch_size")
 
     def generate(
-        params: PyTree, rng: jax.Array, sample_ids: jax.Array, labels: jax.Array | None
+        params: PyTree,
+        rng: jax.Array,
+        sample_ids: jax.Array,
+        labels: jax.Array | None,
+        gaussian: DataGaussian | None,
     ) -> jax.Array:
         def model_fn(x_t: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
             return cast(jax.Array, model.apply({"params": params}, x_t, t, labels, train=False))
@@ -80,13 +88,20 @@ def make_sample_fn(
                 rng,
                 labels=labels,
                 sample_ids=sample_ids,
+                data_gaussian=gaussian,
             ),
         )
 
     replicated, batch = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
     jitted = jax.jit(
-        generate, in_shardings=(replicated, replicated, batch, batch), out_shardings=batch
+        generate,
+        in_shardings=(replicated, replicated, batch, batch, replicated),
+        out_shardings=batch,
     )
+    gaussian = None
+    if data_gaussian is not None:
+        host = jax.tree.map(lambda a: np.asarray(a, diffusion.float_dtype()), data_gaussian)
+        gaussian = jax.tree.map(lambda a: _as_global(a, replicated), host)
 
     def sample_fn(
         params: PyTree,
@@ -101,6 +116,7 @@ def make_sample_fn(
             _as_global(rng, replicated),
             _as_global(sample_ids, batch),
             None if labels is None else _as_global(labels, batch),
+            gaussian,
         )
 
     return sample_fn

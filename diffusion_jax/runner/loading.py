@@ -17,7 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffusion_jax import checkpointing, samplers, schedules, train_state
+from diffusion_jax import checkpointing, diffusion, samplers, schedules, train_state
+from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
@@ -80,16 +81,29 @@ class Run:
         inputs = {k: v for k, v in sampler_kwargs.items() if k not in fields}
         shape = (num_samples, *self.setup.image_shape)
         model_fn = self.model_fn()
+        gaussian = None
+        if spec.gaussian_start_t:
+            gaussian = self.setup.data_gaussian(self.workdir).as_arrays(diffusion.float_dtype())
 
         @jax.jit
-        def generate(rng: jax.Array, labels: jax.Array | None) -> jax.Array:
+        def generate(
+            rng: jax.Array, labels: jax.Array | None, gaussian: DataGaussian | None
+        ) -> jax.Array:
             return cast(
                 jax.Array,
-                spec.sample(model_fn, self.schedule, shape, rng, labels=labels, **inputs),
+                spec.sample(
+                    model_fn,
+                    self.schedule,
+                    shape,
+                    rng,
+                    labels=labels,
+                    data_gaussian=gaussian,
+                    **inputs,
+                ),
             )
 
         label_array = None if labels is None else np.asarray(labels, np.int32)
-        return np.asarray(generate(jax.random.PRNGKey(seed), label_array))
+        return np.asarray(generate(jax.random.PRNGKey(seed), label_array, gaussian))
 
 
 def load_run(

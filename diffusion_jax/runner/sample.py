@@ -44,7 +44,7 @@ def sample(
     state = setup.restore(workdir)
     labels_fn = setup.labels_fn()
     batches = generate.generate_batches(
-        setup.sample_fn(scfg.batch_size),
+        setup.sample_fn(scfg.batch_size, workdir=workdir),
         state.ema_params,
         seed=scfg.seed,
         num_samples=scfg.num_samples,

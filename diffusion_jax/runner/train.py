@@ -128,7 +128,9 @@ def _train(
 
     train_step = setup.train_step()
     writer = workdir_lib.MetricWriter(workdir)
-    grid_fn = setup.sample_fn(generate.device_multiple(tcfg.num_grid_samples, setup.mesh.size))
+    grid_fn = setup.sample_fn(
+        generate.device_multiple(tcfg.num_grid_samples, setup.mesh.size), workdir=workdir
+    )
     nan_steps = set(tcfg.debug_nan_steps)
     save_seconds, num_saves = 0.0, 0
 

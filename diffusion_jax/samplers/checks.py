@@ -12,7 +12,7 @@ from diffusion_jax.samplers import registry
 from diffusion_jax.samplers.base import Option, SamplerOptions
 from diffusion_jax.samplers.spacing import get_timesteps, validate_timesteps
 from diffusion_jax.schedules import Schedule
-from diffusion_jax.values import is_real
+from diffusion_jax.values import is_int, is_real
 
 
 def validate_sampler_args(
@@ -27,13 +27,21 @@ def validate_sampler_args(
     temperature: Any = 1.0,
     learn_sigma: bool = False,
     lower_order_final: bool = True,
+    sigma_max: Any = 80.0,
+    rho: Any = 7.0,
+    gaussian_start_t: Any = 0,
 ) -> SamplerOptions:
     """Raise ValueError naming the allowed values / the fix for any bad sampler option; return
     the checked options the samplers read."""
     chosen = registry.get_sampler(sampler)
     if prediction not in diffusion.PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; use one of {diffusion.PREDICTIONS}")
-    validate_timesteps(num_timesteps, num_steps, timestep_spacing)
+    validate_timesteps(num_timesteps, num_steps, timestep_spacing, sigma_max=sigma_max, rho=rho)
+    if not is_int(gaussian_start_t) or not 0 <= gaussian_start_t < num_timesteps:
+        raise ValueError(
+            f"gaussian_start_t must be an integer in [0, {num_timesteps - 1}] (0 = off); "
+            f"got {gaussian_start_t!r}"
+        )
     if num_steps < chosen.min_steps:
         what = " integrates the ODE from t=T-1 to t=0 and" if chosen.ode else ""
         raise ValueError(
@@ -59,6 +67,15 @@ def validate_sampler_args(
     return options
 
 
+def check_gaussian_start_steps(num_steps: int, gaussian_start_t: int) -> None:
+    """ValueError unless the N timesteps fit between gaussian_start_t (> 0: on) and 0."""
+    if gaussian_start_t and num_steps > gaussian_start_t + 1:
+        raise ValueError(
+            f"num_steps={num_steps} exceeds the {gaussian_start_t + 1} timesteps from "
+            f"gaussian_start_t={gaussian_start_t} to 0; lower num_steps or raise gaussian_start_t"
+        )
+
+
 def validate_on_schedule(
     sch: Schedule,
     *,
@@ -68,12 +85,20 @@ def validate_on_schedule(
     timestep_spacing: str = "linspace",
     variance: str = "fixed_small",
     lower_order_final: bool = True,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    gaussian_start_t: int = 0,
 ) -> None:
     """The checks that need the schedule's values (pure numpy, nothing traced), e.g. a DDIM
     `eta` whose noise would exceed 1 - alpha_bar on the chosen timesteps raises ValueError."""
+    check_gaussian_start_steps(num_steps, gaussian_start_t)
     check = registry.get_sampler(sampler).check_on_schedule
     if check is None:
         return
-    timesteps = get_timesteps(sch.num_timesteps, num_steps, timestep_spacing)
+    chain_length = gaussian_start_t + 1 if gaussian_start_t else sch.num_timesteps
+    ab = np.asarray(sch.alphas_cumprod)[:chain_length]
+    timesteps = get_timesteps(
+        chain_length, num_steps, timestep_spacing, alphas_cumprod=ab, sigma_max=sigma_max, rho=rho
+    )
     options = SamplerOptions(eta=eta, variance=variance, lower_order_final=lower_order_final)
-    check(np.asarray(sch.alphas_cumprod)[timesteps], options)
+    check(ab[timesteps], options)

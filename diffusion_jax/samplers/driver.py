@@ -8,15 +8,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import diffusion
+from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.guidance import conditioned_model
 from diffusion_jax.samplers import registry
 from diffusion_jax.samplers.base import Chain
-from diffusion_jax.samplers.checks import validate_sampler_args
+from diffusion_jax.samplers.checks import check_gaussian_start_steps, validate_sampler_args
 from diffusion_jax.samplers.denoise import Denoiser
 from diffusion_jax.samplers.noise import Noise, resolve_sample_ids
-from diffusion_jax.samplers.spacing import get_timesteps
+from diffusion_jax.samplers.spacing import SIGMA_SPACINGS, get_timesteps
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.values import is_int
 
@@ -59,6 +61,10 @@ def sample(
     lower_order_final: bool = True,
     start_timestep: int | None = None,
     learn_sigma: bool = False,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    gaussian_start_t: int = 0,
+    data_gaussian: DataGaussian | None = None,
 ) -> Any:
     """Draw samples (B, ...) = `shape` from the model; see the package docstring.
 
@@ -81,9 +87,15 @@ def sample(
     start_timestep: start the chain at this t (0..T-1) instead of T - 1, with the timesteps
     spaced over [start_timestep, 0] (SDEdit: pass x_init = q_sample(x0, start_timestep));
     needs num_steps <= start_timestep + 1.
+    sigma_max, rho: the 'karras' and 'logsnr' spacings' largest sigma and Karras' rho
+    (`get_timesteps`).
+    gaussian_start_t: > 0 moves x_T (x_init if given) to t = gaussian_start_t with the exact
+    probability-flow map of `data_gaussian` (the data's Gaussian model, `DataGaussian`) and
+    runs the sampler from there, its timesteps spaced over [gaussian_start_t, 0]: the network
+    is never evaluated above gaussian_start_t. 0 = off.
     Static (Python) arguments: shape, sampler, num_steps, eta, prediction, clip_x0,
     timestep_spacing, variance, num_classes, return_trajectory, lower_order_final,
-    start_timestep, learn_sigma.
+    start_timestep, learn_sigma, sigma_max, rho, gaussian_start_t.
 
     Returns x0 samples (B, ...) in JAX's default float dtype (float32 unless x64 is enabled),
     and with return_trajectory also a `Trajectory`.
@@ -101,6 +113,9 @@ def sample(
         temperature=temperature,
         learn_sigma=learn_sigma,
         lower_order_final=lower_order_final,
+        sigma_max=sigma_max,
+        rho=rho,
+        gaussian_start_t=gaussian_start_t,
     )
     shape = tuple(shape)
     if not shape or not all(is_int(d) and d >= 1 for d in shape):
@@ -122,16 +137,32 @@ def sample(
                 f"start_timestep={start_timestep} to 0; lower num_steps"
             )
 
+    if gaussian_start_t:
+        _check_gaussian_start(gaussian_start_t, num_steps, start_timestep, data_gaussian, shape)
+        start_timestep = gaussian_start_t
+
     dtype = diffusion.float_dtype()
     # A chain started at t_start is spaced like a schedule of t_start + 1 steps.
     chain_length = num_timesteps if start_timestep is None else start_timestep + 1
-    timesteps = get_timesteps(chain_length, num_steps, timestep_spacing)
+    timesteps = get_timesteps(
+        chain_length,
+        num_steps,
+        timestep_spacing,
+        alphas_cumprod=_concrete_alphas_cumprod(sch, timestep_spacing, chain_length),
+        sigma_max=sigma_max,
+        rho=rho,
+    )
     noise = Noise.for_samples(rng, sample_ids, shape, dtype)
+    x_start = noise(0) if x_init is None else jnp.asarray(x_init, dtype)
+    if gaussian_start_t:
+        assert data_gaussian is not None
+        ab = sch.alphas_cumprod
+        x_start = data_gaussian.flow(x_start, ab[num_timesteps - 1], ab[gaussian_start_t])
     chain = Chain(
         timesteps=timesteps,
         # float64 numpy for a schedule closed over; a jax array when the schedule is traced.
         alphas_cumprod=sch.alphas_cumprod[timesteps],
-        x_init=noise(0) if x_init is None else jnp.asarray(x_init, dtype),
+        x_init=x_start.astype(dtype),
         denoise=Denoiser(
             net=net,
             sch=sch,
@@ -156,3 +187,42 @@ def sample(
         eval_ts = jnp.asarray(scan.eval_timesteps, jnp.int32)
         return out, Trajectory(timesteps=eval_ts, x_t=ys[0], x0_pred=ys[1])
     return out
+
+
+def _concrete_alphas_cumprod(sch: Schedule, spacing: str, length: int) -> np.ndarray | None:
+    """The schedule's first `length` alphas_cumprod as numpy for the sigma spacings (None for
+    the others, which need only T); ValueError if the schedule is traced."""
+    if spacing not in SIGMA_SPACINGS:
+        return None
+    try:
+        return np.asarray(sch.alphas_cumprod, np.float64)[:length]
+    except jax.errors.TracerArrayConversionError:
+        raise ValueError(
+            f"timestep_spacing={spacing!r} places the timesteps by the schedule's values: "
+            "close over the schedule instead of passing it to the jitted function"
+        ) from None
+
+
+def _check_gaussian_start(
+    gaussian_start_t: int,
+    num_steps: int,
+    start_timestep: int | None,
+    data_gaussian: DataGaussian | None,
+    shape: tuple[int, ...],
+) -> None:
+    if start_timestep is not None:
+        raise ValueError(
+            "gaussian_start_t and start_timestep both choose where the chain starts; pass one"
+        )
+    if data_gaussian is None:
+        raise ValueError(
+            "gaussian_start_t > 0 needs data_gaussian, the data's Gaussian model "
+            "(DataGaussian.fit(train images in [-1, 1]))"
+        )
+    dim = int(np.prod(shape[1:]))
+    if np.shape(data_gaussian.mean) != (dim,):
+        raise ValueError(
+            f"data_gaussian has dimension {np.shape(data_gaussian.mean)}; samples of shape "
+            f"{shape[1:]} need ({dim},)"
+        )
+    check_gaussian_start_steps(num_steps, gaussian_start_t)

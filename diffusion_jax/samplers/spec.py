@@ -11,6 +11,7 @@ import jax
 from diffusion_jax.samplers import registry
 from diffusion_jax.samplers.checks import validate_on_schedule, validate_sampler_args
 from diffusion_jax.samplers.driver import sample
+from diffusion_jax.samplers.spacing import SIGMA_SPACINGS
 from diffusion_jax.schedules import Schedule
 
 Array = jax.Array
@@ -38,6 +39,9 @@ class SamplerSpec:
     num_classes: int | None = None
     learn_sigma: bool = False
     lower_order_final: bool = True
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    gaussian_start_t: int = 0
 
     @classmethod
     def from_config(cls, config: Any, num_classes: int | None = None) -> SamplerSpec:
@@ -58,6 +62,10 @@ class SamplerSpec:
             # A learned-variance model outputs 2C channels; the samplers must know to split them.
             learn_sigma=bool(config.model.get("learn_sigma", False)),
             lower_order_final=bool(s.get("lower_order_final", True)),
+            # .get: configs saved before these keys existed.
+            sigma_max=s.get("sigma_max", 80.0),
+            rho=s.get("rho", 7.0),
+            gaussian_start_t=s.get("gaussian_start_t", 0),
         )
 
     def replace(self, **changes: Any) -> SamplerSpec:
@@ -78,6 +86,9 @@ class SamplerSpec:
             temperature=self.temperature,
             learn_sigma=self.learn_sigma,
             lower_order_final=self.lower_order_final,
+            sigma_max=self.sigma_max,
+            rho=self.rho,
+            gaussian_start_t=self.gaussian_start_t,
         )
         validate_on_schedule(
             sch,
@@ -87,6 +98,9 @@ class SamplerSpec:
             timestep_spacing=self.timestep_spacing,
             variance=self.variance,
             lower_order_final=self.lower_order_final,
+            sigma_max=self.sigma_max,
+            rho=self.rho,
+            gaussian_start_t=self.gaussian_start_t,
         )
 
     def kwargs(self) -> dict[str, Any]:
@@ -101,8 +115,9 @@ class SamplerSpec:
     def name(self) -> str:
         """File-name stem of every option that changes the samples, e.g. 'ddim50_eta0.5_g2':
         `tag`, the sampler's own options that differ from their defaults (as its registration
-        labels them), then timestep_spacing, guidance_scale, temperature and clip_x0 where not
-        the default. prediction, learn_sigma and num_classes describe the model, not the
+        labels them), then timestep_spacing (with sigma_max and rho where they apply and differ
+        from 80 and 7), the Gaussian start ('gs800'), guidance_scale, temperature and clip_x0
+        where not the default. prediction, learn_sigma and num_classes describe the model, not the
         sampler, and are left out."""
         parts = [self.tag]
         for option in registry.get_sampler(self.sampler).options:
@@ -111,6 +126,12 @@ class SamplerSpec:
                 parts.append(option.label(value))
         if self.timestep_spacing != "linspace":
             parts.append(self.timestep_spacing)
+        if self.timestep_spacing in SIGMA_SPACINGS and self.sigma_max != 80.0:
+            parts.append(f"smax{self.sigma_max:g}")
+        if self.timestep_spacing == "karras" and self.rho != 7.0:
+            parts.append(f"rho{self.rho:g}")
+        if self.gaussian_start_t:
+            parts.append(f"gs{self.gaussian_start_t}")
         if self.guidance_scale != 1.0:
             parts.append(f"g{self.guidance_scale:g}")
         if self.temperature != 1.0:
@@ -128,5 +149,6 @@ class SamplerSpec:
         **inputs: Any,
     ) -> Any:
         """`sample(model_fn, sch, shape, rng, **self.kwargs(), **inputs)`; inputs are the
-        per-call arguments (labels, sample_ids, x_init, start_timestep, return_trajectory)."""
+        per-call arguments (labels, sample_ids, x_init, start_timestep, return_trajectory,
+        data_gaussian)."""
         return sample(model_fn, sch, shape, rng, **self.kwargs(), **inputs)
