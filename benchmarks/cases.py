@@ -52,9 +52,7 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
 
 
 def get_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
-    return schedules.get_schedule(
-        config.diffusion.schedule, num_timesteps=config.diffusion.num_timesteps
-    )
+    return schedules.from_config(config.diffusion)
 
 
 def random_params(model: UNet, shape: tuple[int, int, int]) -> Any:

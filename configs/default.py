@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.schedule = "linear"
     diffusion.num_timesteps = 1000
     diffusion.prediction = "eps"  # 'eps' | 'x0' | 'v'
+    # Lin et al. 2024: rescale the schedule so the last timestep is pure noise (needs v or x0).
+    diffusion.zero_terminal_snr = False
     diffusion.loss_weighting = "simple"  # 'simple' | 'snr' | 'min_snr'
     diffusion.min_snr_gamma = 5.0
     diffusion.label_dropout = 0.1  # classifier-free guidance training (class-conditional models)

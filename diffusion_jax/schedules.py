@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import numpy as np
@@ -126,8 +127,26 @@ def available_schedules() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def get_schedule(name: str, num_timesteps: int = 1000) -> Schedule:
-    """The registered schedule `name` with `num_timesteps` (T >= 1) steps.
+# Zero terminal SNR leaves alpha_bar_{T-1} at most this (SNR 6e-8, as diffusers' Euler scheduler
+# does) instead of exactly 0: every coefficient (1 / sqrt(ab), log-SNR, SNR loss weights) stays
+# finite. Where the rescaled alpha_bar_{T-2} is already below it, half of that.
+ZERO_TERMINAL_ALPHA_BAR = 2.0**-24
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024, algorithm 1: shift and scale sqrt(alpha_bar) so the last timestep is pure
+    noise while the first keeps its value; float64 (T,) betas. The last alpha_bar is
+    min(`ZERO_TERMINAL_ALPHA_BAR`, alpha_bar_{T-2} / 2) (not 0: see there)."""
+    sqrt_ab = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    ab = ((sqrt_ab - last) * first / (first - last)) ** 2
+    ab[-1] = min(ZERO_TERMINAL_ALPHA_BAR, ab[-2] / 2)
+    return 1.0 - ab / np.append(1.0, ab[:-1])
+
+
+def get_schedule(name: str, num_timesteps: int = 1000, zero_terminal_snr: bool = False) -> Schedule:
+    """The registered schedule `name` with `num_timesteps` (T >= 2 with zero_terminal_snr, else
+    >= 1) steps, rescaled by `rescale_zero_terminal_snr` if `zero_terminal_snr`.
 
     Raises ValueError naming the registered schedules for an unknown name, or for T < 1.
     """
@@ -141,7 +160,20 @@ def get_schedule(name: str, num_timesteps: int = 1000) -> Schedule:
         raise ValueError(
             f"schedule {name!r} returned betas of shape {betas.shape}; expected ({num_timesteps},)"
         )
+    if zero_terminal_snr:
+        if num_timesteps < 2:
+            raise ValueError("zero_terminal_snr needs num_timesteps >= 2")
+        betas = rescale_zero_terminal_snr(betas)
     return schedule_from_betas(betas)
+
+
+def from_config(diffusion_config: Any) -> Schedule:
+    """The schedule a run's `diffusion` config section describes (schedule, num_timesteps,
+    zero_terminal_snr; the last may be absent in configs saved before it existed)."""
+    d = diffusion_config
+    return get_schedule(
+        d.schedule, d.num_timesteps, zero_terminal_snr=bool(d.get("zero_terminal_snr", False))
+    )
 
 
 @register_schedule("linear")

@@ -85,6 +85,12 @@ BAD_VALUES = [
     ("model.attn_resolutions", (3,), "attn_resolutions"),
     ("data.image_size", 9, "divisible"),
     ("sampling.guidance_scale", 3.0, "class_conditional"),
+    ("training.ema_warmup", "warm", r"use one of \('debias', 'ramp', 'none'\)"),
+    ("diffusion.zero_terminal_snr", True, r"prediction=v"),
+    ("sampling.sigma_max", 0.0, "sigma_max must be a finite number > 0"),
+    ("sampling.rho", -1.0, "rho must be a finite number > 0"),
+    ("sampling.gaussian_start_t", 1000, r"gaussian_start_t must be an integer in \[0, 999\]"),
+    ("sampling.gaussian_start_t", 10, "num_steps=20 exceeds the 11 timesteps"),
 ]
 
 

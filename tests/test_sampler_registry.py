@@ -107,13 +107,17 @@ def test_a_registered_sampler_goes_through_sampler_spec(euler: samplers.Sampler)
 def test_an_unregistered_sampler_is_unknown_again() -> None:
     samplers.register(samplers.Sampler(name="euler", build=_euler_build, ode=True, min_steps=2))
     samplers.unregister("euler")
-    assert samplers.names() == samplers.SAMPLERS == (
-        "ddpm",
-        "ddim",
-        "dpm_solver++",
-        "dpm_solver++3m",
-        "dpm_solver++2m_sde",
-        "heun",
+    assert (
+        samplers.names()
+        == samplers.SAMPLERS
+        == (
+            "ddpm",
+            "ddim",
+            "dpm_solver++",
+            "dpm_solver++3m",
+            "dpm_solver++2m_sde",
+            "heun",
+        )
     )
     with pytest.raises(ValueError, match=r"unknown sampler 'euler'; use one of \('ddpm', "):
         samplers.SamplerSpec(sampler="euler").validate(SCH)

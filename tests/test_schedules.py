@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import schedules
+from diffusion_jax import samplers, schedules
+from diffusion_jax.testing import gaussian_oracle
 
 FIELDS = (
     "betas",
@@ -170,3 +171,35 @@ def test_schedule_is_a_pytree_usable_as_a_jit_argument() -> None:
     assert len(leaves) == len(sch.__dataclass_fields__)
     total = jax.jit(lambda s: s.alphas_cumprod.sum())(sch)
     np.testing.assert_allclose(total, sch.alphas_cumprod.sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_zero_terminal_snr_makes_the_last_step_pure_noise_and_keeps_the_first(name: str) -> None:
+    plain = schedules.get_schedule(name, 1000)
+    zero = schedules.get_schedule(name, 1000, zero_terminal_snr=True)
+    assert 0 < zero.alphas_cumprod[-1] <= schedules.ZERO_TERMINAL_ALPHA_BAR  # SNR <= 6e-8
+    assert zero.alphas_cumprod[0] == pytest.approx(plain.alphas_cumprod[0], rel=1e-12)
+    assert np.all(np.diff(zero.alphas_cumprod) < 0)
+    assert np.all(np.isfinite(zero.sqrt_recip_alphas_cumprod)) and np.all(np.isfinite(zero.log_snr))
+    # Lin et al.'s algorithm 1: sqrt(ab) shifted by its last value and scaled to keep the first.
+    s = np.sqrt(plain.alphas_cumprod)
+    expected = (s - s[-1]) * s[0] / (s[0] - s[-1])
+    np.testing.assert_allclose(np.sqrt(zero.alphas_cumprod[:-1]), expected[:-1], rtol=1e-10)
+
+
+def test_zero_terminal_snr_v_model_samples_gaussian_data_from_pure_noise() -> None:
+    # The optimal v model of N(0.3, 0.5^2) data on the rescaled schedule: ddim samples have the
+    # data's moments (16384 pixels: standard errors 0.004 / 0.003).
+    sch = schedules.get_schedule("linear", 1000, zero_terminal_snr=True)
+    x = samplers.sample(
+        gaussian_oracle.optimal_model(sch, 0.3, 0.5, "v"),
+        sch,
+        (64, 256),
+        jax.random.key(0),
+        sampler="ddim",
+        num_steps=100,
+        prediction="v",
+        clip_x0=False,
+    )
+    x = np.asarray(x, np.float64)
+    assert abs(x.mean() - 0.3) < 0.025 and abs(x.std() - 0.5) < 0.025

@@ -55,12 +55,17 @@ def test_debiased_ema_is_the_normalised_decay_weighted_mean_of_the_parameters_se
         host = jax.device_get(state)
         seen.append(host.params)
         if len(seen) == 1:  # the initial parameters are forgotten at the first update
-            for p, e in zip(jax.tree.leaves(host.params), jax.tree.leaves(host.ema_params)):
+            for p, e in zip(
+                jax.tree.leaves(host.params), jax.tree.leaves(host.ema_params), strict=True
+            ):
                 np.testing.assert_array_equal(p, e)
     # After n updates: sum_k d^(n-k) p_k / sum_k d^(n-k).
     weights = np.array([0.81, 0.9, 1.0])
     expected = jax.tree.map(
-        lambda *ps: sum(w * np.asarray(p, np.float64) for w, p in zip(weights, ps)) / weights.sum(),
+        lambda *ps: (
+            sum(w * np.asarray(p, np.float64) for w, p in zip(weights, ps, strict=True))
+            / weights.sum()
+        ),
         *seen,
     )
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(host.ema_params), strict=True):

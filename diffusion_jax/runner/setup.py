@@ -46,9 +46,7 @@ class ModelSetup:
         validate_against_dataset(config, self.info.num_classes)
         self.image_shape: tuple[int, int, int] = tuple(self.info.image_shape)  # type: ignore[assignment]
         self.model: UNet = train_state.create_model(config.model, self.info.num_classes)
-        self.schedule = schedules.get_schedule(
-            config.diffusion.schedule, num_timesteps=config.diffusion.num_timesteps
-        )
+        self.schedule = schedules.from_config(config.diffusion)
         self.optimizer = train_state.create_optimizer(config.training)
         self.replicated = parallel.replicated_sharding(self.mesh)
         self.init_state = jax.jit(

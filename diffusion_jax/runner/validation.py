@@ -92,7 +92,12 @@ def check_diffusion(config: ml_collections.ConfigDict, num_devices: int) -> None
             (d.num_timesteps >= 1, f"diffusion.num_timesteps={d.num_timesteps}; use 1 or more"),
         ]
     )
-    _reraise(lambda: schedules.get_schedule(d.schedule, d.num_timesteps))
+    _reraise(lambda: schedules.from_config(d))
+    if d.get("zero_terminal_snr", False) and d.prediction == "eps":
+        raise ConfigError(
+            "diffusion.zero_terminal_snr=True makes the last timestep pure noise, where an eps "
+            "model cannot tell x0; use --config.diffusion.prediction=v (Lin et al.) or x0"
+        )
 
 
 def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -169,11 +174,7 @@ def check_sampling(config: ml_collections.ConfigDict, num_devices: int) -> None:
             "model.class_conditional=True when training, or leave guidance_scale=1.0"
         )
     spec = samplers.SamplerSpec.from_config(config)
-    _reraise(
-        lambda: spec.validate(
-            schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-        )
-    )
+    _reraise(lambda: spec.validate(schedules.from_config(config.diffusion)))
     _check_divides("sampling.batch_size", s.batch_size, num_devices)
 
 
@@ -216,6 +217,7 @@ RESUME_LOCKED_KEYS = (
     "data.image_size",
     "diffusion.schedule",
     "diffusion.num_timesteps",
+    "diffusion.zero_terminal_snr",
     "diffusion.prediction",
 )
 # How the same parameters are computed, not what they are: free to change on resume.
