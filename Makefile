@@ -26,16 +26,17 @@ digits-eval: install
 	$(BIN)/python -m experiments.reference_stats --dataset=digits --split=test --network=digits
 	$(BIN)/python -m experiments.main --config=configs/digits.py --workdir=$(WORKDIR) --mode=eval
 
-# The digits table of docs/evaluation.md: digits FD of 1000 samples per sampler and step count, then the table.
-TABLE_SAMPLERS ?= ddpm ddim dpm_solver++ heun
-TABLE_STEPS ?= 10 20 50 100 1000
+# The digits table of docs/evaluation.md: digits FD of 1000 samples per sampler, steps, spacing
+# and Gaussian start (one eval each, resumable), then the table.
+TABLE_SAMPLERS ?= ddpm,ddim,dpm_solver++,dpm_solver++3m,dpm_solver++2m_sde,heun
+TABLE_STEPS ?= 10,20,50
+TABLE_SPACINGS ?= linspace,karras
+TABLE_GAUSSIAN_START ?= 0,800
+TABLE_SEEDS ?= 0
 digits-table: install
-	for steps in $(TABLE_STEPS); do for sampler in $(TABLE_SAMPLERS); do \
-		$(BIN)/python -m experiments.main --config=configs/digits.py --workdir=$(WORKDIR) \
-			--mode=eval --config.eval.bpd_num_images=0 \
-			--config.sampling.sampler=$$sampler --config.sampling.num_steps=$$steps || exit 1; \
-	done; done
-	$(BIN)/python -m experiments.eval_table --workdir=$(WORKDIR) --metric=fd
+	$(BIN)/python -m experiments.sampler_table --config=configs/digits.py --workdir=$(WORKDIR) \
+		--samplers=$(TABLE_SAMPLERS) --steps=$(TABLE_STEPS) --spacings=$(TABLE_SPACINGS) \
+		--gaussian_start=$(TABLE_GAUSSIAN_START) --seeds=$(TABLE_SEEDS)
 
 # Lint, type check, then the whole test suite, slow end-to-end tests included (what CI runs).
 test: lint pytest

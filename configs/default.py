@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.adam_b2 = 0.999
     training.ema_decay = 0.9999
     # How the EMA starts: 'debias' | 'ramp' | 'none' (train_state.EMA_WARMUPS; docs/commands.md).
-    training.ema_warmup = "debias"
+    training.ema_warmup = "ramp"
     training.log_every = 100
     training.checkpoint_every = 1000
     training.max_checkpoints_to_keep = 3

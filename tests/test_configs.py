@@ -85,7 +85,7 @@ BAD_VALUES = [
     ("model.attn_resolutions", (3,), "attn_resolutions"),
     ("data.image_size", 9, "divisible"),
     ("sampling.guidance_scale", 3.0, "class_conditional"),
-    ("training.ema_warmup", "warm", r"use one of \('debias', 'ramp', 'none'\)"),
+    ("training.ema_warmup", "warm", r"use one of \('ramp', 'debias', 'none'\)"),
     ("diffusion.zero_terminal_snr", True, r"prediction=v"),
     ("sampling.sigma_max", 0.0, "sigma_max must be a finite number > 0"),
     ("sampling.rho", -1.0, "rho must be a finite number > 0"),

@@ -1,0 +1,70 @@
+r"""Score a trained run with many sampler settings (`--mode=eval` per cell, in one process), then
+print the table of `experiments.eval_table`.
+
+    python -m experiments.sampler_table --config=configs/digits.py --workdir=workdirs/digits \
+        --samplers=ddpm,ddim,dpm_solver++ --steps=10,20,50 --spacings=linspace,karras \
+        --gaussian_start=0,800 --seeds=0
+
+Every combination is one eval (`eval/<name>.json`, resumable: a finished cell is only re-read);
+`--config.*` overrides apply to all. Combinations a sampler cannot run (more steps than the
+Gaussian start leaves) are skipped. `make digits-table` runs the table of docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffusion_jax.analysis import load_eval_results
+from diffusion_jax.errors import UserError
+from diffusion_jax.runner import cli, evaluate
+from experiments.eval_table import format_table
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The trained run's workdir.")
+_SAMPLERS = flags.DEFINE_list("samplers", ["ddpm", "ddim", "dpm_solver++"], "Samplers.")
+_STEPS = flags.DEFINE_list("steps", ["10", "20", "50"], "Step counts (sampling.num_steps).")
+_SPACINGS = flags.DEFINE_list("spacings", ["linspace"], "sampling.timestep_spacing values.")
+_GAUSSIAN_START = flags.DEFINE_list("gaussian_start", ["0"], "sampling.gaussian_start_t values.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "sampling.seed values.")
+_METRIC = flags.DEFINE_string("metric", "fd", "Metric to tabulate.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cells = itertools.product(
+        _SAMPLERS.value,
+        [int(n) for n in _STEPS.value],
+        _SPACINGS.value,
+        [int(t) for t in _GAUSSIAN_START.value],
+        [int(s) for s in _SEEDS.value],
+    )
+    logging.get_absl_handler().addFilter(cli.QuietLibraries())
+    for sampler, num_steps, spacing, start, seed in cells:
+        if start and num_steps > start + 1:
+            continue
+        config = _CONFIG.value.copy_and_resolve_references()
+        config.sampling.update(
+            sampler=sampler,
+            num_steps=num_steps,
+            timestep_spacing=spacing,
+            gaussian_start_t=start,
+            seed=seed,
+        )
+        config.eval.bpd_num_images = 0
+        try:
+            print(evaluate.evaluate(config, _WORKDIR.value).summary(), flush=True)
+        except UserError as error:
+            sys.exit(f"error: {error}")
+    print(format_table(load_eval_results(_WORKDIR.value), _METRIC.value))
+
+
+if __name__ == "__main__":
+    if error := cli.unknown_override_key(sys.argv[1:]):
+        sys.exit(error)
+    app.run(main)
