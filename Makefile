@@ -31,7 +31,7 @@ digits-eval: install
 TABLE_SAMPLERS ?= ddpm,ddim,dpm_solver++,dpm_solver++3m,dpm_solver++2m_sde,heun
 TABLE_STEPS ?= 10,20,50
 TABLE_SPACINGS ?= linspace,karras
-TABLE_GAUSSIAN_START ?= 0,800
+TABLE_GAUSSIAN_START ?= 0,900
 TABLE_SEEDS ?= 0
 digits-table: install
 	$(BIN)/python -m experiments.sampler_table --config=configs/digits.py --workdir=$(WORKDIR) \

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from diffusion_jax.analysis import load_eval_results
 from diffusion_jax.errors import UserError
 from diffusion_jax.runner import cli, evaluate
-from experiments.eval_table import format_table
+from experiments.tables import format_table
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The trained run's workdir.")

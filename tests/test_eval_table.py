@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from experiments.eval_table import format_table
+from experiments.tables import format_table
 
 
 def _record(sampler, steps, fd, *, seed=0, spacing="linspace", start=0, seconds=None):

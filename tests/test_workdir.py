@@ -45,10 +45,14 @@ def test_sampling_name_outside_the_workdir_is_refused(trained_tiny_run, tmp_path
     assert not os.path.exists(str(tmp_path / "outside") + ".npz")
 
 
-def test_default_sample_name_names_sampler_steps_and_seed():
+def test_default_sample_name_names_every_setting_that_changes_the_samples():
     config = digits.get_config()
-    config.sampling.sampler, config.sampling.num_steps, config.sampling.seed = "dpm_solver++", 20, 3
-    assert generate.sample_name(config) == "dpm_solverpp20_seed3"
+    config.sampling.update(
+        sampler="ddim", num_steps=20, seed=3, timestep_spacing="linspace", gaussian_start_t=0
+    )
+    assert generate.sample_name(config) == "ddim20_seed3"
+    config.sampling.update(eta=0.5, gaussian_start_t=900, timestep_spacing="karras")
+    assert generate.sample_name(config) == "ddim20_eta0.5_karras_gs900_seed3"
 
 
 def _write_lines(path, lines: list[bytes]) -> None:

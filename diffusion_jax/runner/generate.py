@@ -28,11 +28,15 @@ SampleFn = Callable[[PyTree, HostOrDevice, HostOrDevice, HostOrDevice | None], j
 
 
 def sample_name(config: ml_collections.ConfigDict) -> str:
-    """File stem for a sample set: `sampling.name` (a plain name), else e.g. 'ddim50_seed0'."""
+    """File stem for a sample set: `sampling.name` (a plain name), else every setting that
+    changes the samples (`SamplerSpec.name`), the label and the seed, e.g. 'ddim50_eta0.5_seed0'
+    or 'dpm_solverpp20_gs900_seed0'."""
     if config.sampling.name:
         return workdir_lib.output_name(config.sampling.name, "sampling.name")
-    tag = samplers.SamplerSpec.from_config(config).tag
-    return f"{tag}_seed{config.sampling.seed}"
+    parts = [samplers.SamplerSpec.from_config(config).name()]
+    if config.sampling.label >= 0:
+        parts.append(f"label{config.sampling.label}")
+    return "_".join([*parts, f"seed{config.sampling.seed}"])
 
 
 def sample_labels(

@@ -1,16 +1,22 @@
-"""Samplers: ancestral DDPM, DDIM(eta), DPM-Solver++(2M) and Heun, each one `lax.scan`.
+"""Samplers: ancestral DDPM, DDIM(eta), DPM-Solver++ (2M, 3M, 2M SDE) and Heun, each one
+`lax.scan`.
 
 One entry point, `sample(model_fn, sch, shape, rng, sampler=..., ...)`. A sampler visits
-N = num_steps integer timesteps tau_0 > tau_1 > ... > tau_{N-1} = 0 (`get_timesteps`) and
+N = num_steps integer timesteps tau_0 > tau_1 > ... > tau_{N-1} (`get_timesteps`: uniform in t,
+or in sigma with 'karras' and 'logsnr'; all but 'leading' and 'trailing' end at 0) and
 evaluates the model only there, inside one scan body (compile time does not grow with N).
 
-    ddpm          ancestral sampling on the respaced chain (`ddpm`); N evaluations.
-    ddim          DDIM(eta) (`ddim`); N evaluations.
-    dpm_solver++  DPM-Solver++(2M), lower_order_final by default (`dpm_solver`); N evaluations.
-    heun          EDM's 2nd-order Heun on the probability-flow ODE (`heun`); 2N - 1 evaluations.
+    ddpm                ancestral sampling on the respaced chain (`ddpm`); N evaluations.
+    ddim                DDIM(eta) (`ddim`); N evaluations.
+    dpm_solver++        DPM-Solver++(2M), lower_order_final by default (`dpm_solver`); N.
+    dpm_solver++3m      DPM-Solver++(3M) (`dpm_solver`); N evaluations.
+    dpm_solver++2m_sde  DPM-Solver++(2M) SDE, stochastic (`dpm_solver`); N evaluations.
+    heun                EDM's 2nd-order Heun on the probability-flow ODE (`heun`); 2N - 1.
 
-The last step of every sampler returns the model's x0 prediction at t = 0 (DDIM's step to
-ab = 1; for the ODE samplers the Euler step to sigma = 0, i.e. x0 = denoise(x at t = 0)).
+The last step of every sampler returns the model's x0 prediction at the last timestep (DDIM's
+step to ab = 1; for the ODE samplers the Euler step to sigma = 0, i.e. x0 = denoise(x there)).
+`gaussian_start_t` replaces the chain above that timestep by the exact flow of the data's
+Gaussian model (`diffusion_jax.data_gaussian`).
 
 Accuracy (benchmarks/sampler_gaussian_error.py, exact Gaussian model, linspace timesteps): ddim
 is first order, heun and pure 2M dpm_solver++ (lower_order_final=False) second order in the

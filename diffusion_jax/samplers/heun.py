@@ -1,10 +1,10 @@
 """heun: Karras et al. 2022 (EDM) 2nd-order Heun on the probability-flow ODE in y = x / a,
-sigma = sigma_t / a_t; the step from sigma(tau_{N-1} = 0) to sigma = 0 is Euler, which returns
-the x0 prediction at t = 0. 2N - 1 model evaluations.
+sigma = sigma_t / a_t; the step from sigma(tau_{N-1}) (t = 0 on most spacings) to sigma = 0 is
+Euler, which returns the x0 prediction there. 2N - 1 model evaluations.
 
-Accuracy (benchmarks/sampler_gaussian_error.py): second order in the number of steps. Its first
-step starts at sigma(T-1) (~157 for 'linear', ~2e4 for 'cosine', where heun needs ~80+ steps to
-be accurate).
+Accuracy (benchmarks/sampler_gaussian_error.py): second order in the number of steps. On
+'linspace' its first step starts at sigma(T-1) (~157 for 'linear', ~2e4 for 'cosine', where
+heun needs ~80+ steps to be accurate); use the 'karras' spacing (EDM's, from sigma_max = 80).
 """
 
 from __future__ import annotations
