@@ -237,3 +237,13 @@ def test_a_repeated_tuple_override_on_the_command_line_is_not_concatenated(tmp_p
 def test_only_process_zero_logs_progress_and_warnings():
     assert cli.log_level(0) == absl_logging.INFO
     assert cli.log_level(1) == absl_logging.ERROR
+
+
+def test_a_multi_process_run_without_a_coordinator_exits_with_one_line_naming_the_flags(tmp_path):
+    result = _run_cli(f"--workdir={tmp_path / 'w'}", "--num_processes=2", "--process_id=0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("error: starting jax.distributed failed (")
+        and "--coordinator_address" in last
+    )
