@@ -354,6 +354,8 @@ def _start_or_resume(shard_dir: str, manifest: dict[str, Any], chief: bool, work
             else f"they were made from step {previous.get('step')} with other settings",
         )
     fix = "move it away, or set eval.name to another name"
+    # Every process checks, so that all of them stop (not only the chief) when it is refused.
+    workdir_lib.check_owned_dir(shard_dir, workdir, SHARD_DIR_FILES, fix=fix)
     if chief:
         workdir_lib.remove_owned_dir(shard_dir, workdir, SHARD_DIR_FILES, fix=fix)
         os.makedirs(shard_dir)

@@ -98,23 +98,26 @@ def contained_path(root: str, *parts: str) -> str:
     return path
 
 
-def remove_owned_dir(path: str, root: str, owned: re.Pattern[str], *, fix: str) -> None:
-    """Delete the directory `path` (inside `root`) and its files, when it holds nothing but
-    regular files whose names fully match `owned` (the names this program writes there); a
-    missing `path` is fine.
+def check_owned_dir(path: str, root: str, owned: re.Pattern[str], *, fix: str) -> list[str]:
+    """The files of the directory `path` (inside `root`; [] when it is missing), checked to be
+    nothing but regular files whose names fully match `owned` (the names this program writes
+    there), so that deleting them deletes nothing else.
 
-    Raises `UnsafePathError` naming `fix`, deleting nothing, when `path` is a symlink, a file,
-    or holds anything else: files this program did not write are never deleted.
+    Raises `UnsafePathError` naming `fix` when `path` resolves outside `root`, is a symlink or
+    a file, or holds anything else.
     """
     contained_path(root, os.path.relpath(path, root))
     if not os.path.lexists(path):
-        return
+        return []
     if os.path.islink(path) or not os.path.isdir(path):
         raise UnsafePathError(
             f"{path} is not a directory this program wrote; not deleting it: {fix}"
         )
-    with os.scandir(path) as entries:
-        found = list(entries)
+    try:
+        with os.scandir(path) as entries:
+            found = list(entries)
+    except FileNotFoundError:  # removed meanwhile (by the chief of a multi-process run)
+        return []
     foreign = [
         e.name for e in found if not (e.is_file(follow_symlinks=False) and owned.fullmatch(e.name))
     ]
@@ -123,8 +126,18 @@ def remove_owned_dir(path: str, root: str, owned: re.Pattern[str], *, fix: str) 
             f"{path} holds {sorted(foreign)[0]!r}, which this program did not write; not "
             f"deleting it: {fix}"
         )
-    for entry in found:
-        os.remove(entry.path)
+    return [e.path for e in found]
+
+
+def remove_owned_dir(path: str, root: str, owned: re.Pattern[str], *, fix: str) -> None:
+    """Delete the directory `path` and its files after `check_owned_dir` (which raises
+    `UnsafePathError`, deleting nothing, unless they are all this program's own); a missing
+    `path` is fine. Files this program did not write are never deleted."""
+    files = check_owned_dir(path, root, owned, fix=fix)
+    if not os.path.lexists(path):
+        return
+    for file in files:
+        os.remove(file)
     os.rmdir(path)
 
 
