@@ -31,6 +31,11 @@ class ReferenceStatsError(UserError, ValueError):
     """Reference statistics are missing, corrupted or made otherwise (message names the fix)."""
 
 
+class UnsafePathError(UserError, ValueError):
+    """A write or delete would land outside its directory (a symlink leading out of the
+    workdir), or would remove files this program did not write; nothing was touched."""
+
+
 class CheckpointSaveError(UserError, RuntimeError):
     """Writing a checkpoint failed (disk full, permissions); training stopped."""
 

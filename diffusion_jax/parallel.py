@@ -173,6 +173,7 @@ def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    coordinator_bind_address: str | None = None,
 ) -> bool:
     """Join a multi-process JAX run when asked to, before any other JAX call.
 
@@ -187,6 +188,12 @@ def initialize_distributed(
     `num_processes` (the number of hosts) to force the call; JAX reads the coordinator and
     process id from the TPU metadata server.
 
+    The coordinator (process 0) listens on `coordinator_bind_address`, else on
+    $JAX_COORDINATOR_BIND_ADDRESS, else, when `coordinator_address` is given, on that address
+    only (JAX alone would listen on every interface, `[::]:PORT`): pass e.g. '0.0.0.0:PORT'
+    when the coordinator address is not one of process 0's own (a NAT or load-balancer
+    address). With auto-detection JAX's default stands.
+
     Returns True if this process is (now) part of a distributed run, False if single-process.
     Calling it again after a successful initialization is a no-op that returns True.
 
@@ -199,9 +206,14 @@ def initialize_distributed(
     explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
     if not explicit and not environment_requests_distributed():
         return False
+    if coordinator_bind_address is None and coordinator_address is not None:
+        coordinator_bind_address = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS") or (
+            coordinator_address
+        )
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
+        coordinator_bind_address=coordinator_bind_address,
     )
     return True

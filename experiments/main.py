@@ -47,6 +47,12 @@ _COORDINATOR = flags.DEFINE_string(
     None,
     "HOST:PORT of process 0 in a multi-process run (auto-detected on SLURM, mpirun and TPU pods).",
 )
+_COORDINATOR_BIND = flags.DEFINE_string(
+    "coordinator_bind_address",
+    None,
+    "HOST:PORT process 0 listens on (default: --coordinator_address itself, not every "
+    "interface); e.g. 0.0.0.0:PORT when the coordinator address is not process 0's own.",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
@@ -55,14 +61,19 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:  # before any other JAX call: every process of a multi-process run joins first
-        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        parallel.initialize_distributed(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _COORDINATOR_BIND.value
+        )
     except (ValueError, RuntimeError) as error:
         sys.exit(
             f"error: starting jax.distributed failed ({error}); pass --coordinator_address, "
             "--num_processes and --process_id (0..num_processes-1), or run under SLURM/mpirun"
         )
-    # Progress from process 0 only; the others report warnings and errors.
-    logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    # Progress and warnings from process 0 only: every process sees the same config, workdir
+    # and data, so the others would repeat each warning once per process (srun and mpirun
+    # merge their output). They still report errors; --verbosity=N (N >= -1) overrides.
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(cli.log_level(jax.process_index()))
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
     run, summary = MODES[_MODE.value]
     try:
@@ -74,6 +85,7 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    if error := cli.unknown_override_key(sys.argv[1:]):
+    sys.argv = cli.last_override_wins(sys.argv)  # config_flags reads the overrides from sys.argv
+    if error := cli.command_line_error(sys.argv[1:]):
         sys.exit(error)
     app.run(main)

@@ -186,6 +186,7 @@ def _write_results(
 
 
 if __name__ == "__main__":
-    if error := cli.unknown_override_key(sys.argv[1:]):
+    sys.argv = cli.last_override_wins(sys.argv)  # config_flags reads the overrides from sys.argv
+    if error := cli.command_line_error(sys.argv[1:]):
         sys.exit(error)
     app.run(main)

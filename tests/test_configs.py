@@ -106,17 +106,26 @@ def test_bad_config_value_is_refused_with_a_message_naming_the_fix(key, value, m
         validate_config(config, num_devices=1)
 
 
-def test_batches_that_do_not_divide_over_the_devices_are_refused_naming_key_and_fix():
+def test_a_training_batch_that_does_not_divide_over_the_devices_is_refused_naming_key_and_fix():
     config = digits.get_config()
-    config.training.batch_size, config.sampling.batch_size = 12, 4
+    config.training.batch_size = 12
     message = r"training\.batch_size=12 does not divide over 8 devices; .*multiple of 8"
     with pytest.raises(ConfigError, match=message):
         validate_config(config, num_devices=8)
     config.training.batch_size = 16
-    with pytest.raises(ConfigError, match=r"sampling\.batch_size=4 does not divide over 8"):
-        validate_config(config, num_devices=8)
-    config.sampling.batch_size = 8
     validate_config(config, num_devices=8)
+
+
+@pytest.mark.parametrize("batch_size", [4, 500])
+def test_a_sampling_batch_that_does_not_divide_over_the_devices_is_accepted(batch_size):
+    # The README's 8-device example: samples do not depend on the batch size, so it is rounded
+    # to a multiple of the device count where it is used (generate.device_batch_size).
+    config = digits.get_config()
+    config.sampling.batch_size = batch_size
+    validate_config(config, num_devices=8)
+    config.sampling.batch_size = 0
+    with pytest.raises(ConfigError, match=r"sampling\.batch_size=0; use 1 or more"):
+        validate_config(config, num_devices=8)
 
 
 def test_ddim_eta_too_large_for_the_schedule_is_refused_before_compiling():

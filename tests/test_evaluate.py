@@ -79,11 +79,14 @@ def test_bad_eval_values_are_refused_naming_the_key(digits_data_dir, key, value,
         check_eval(config, 1)
 
 
-def test_eval_batches_must_divide_over_the_devices_in_eval_mode_only(digits_data_dir):
+def test_eval_batches_that_do_not_divide_over_the_devices_are_accepted(digits_data_dir):
+    # Samples do not depend on the batch size: it is rounded to the devices where it is used.
     config = make_tiny_config(digits_data_dir)
-    config.eval.batch_size, config.sampling.batch_size = 500, 8
-    validate_config(config, num_devices=8)  # training on 8 devices does not use eval batches
-    with pytest.raises(ConfigError, match=r"eval\.batch_size=500 does not divide over 8 devices"):
+    config.eval.batch_size, config.eval.bpd_batch_size, config.sampling.batch_size = 500, 3, 7
+    validate_config(config, num_devices=8)
+    check_eval(config, 8)
+    config.eval.batch_size = 0
+    with pytest.raises(ConfigError, match=r"eval\.batch_size=0; use 1 or more"):
         check_eval(config, 8)
 
 

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from diffusion_jax import parallel
 from diffusion_jax.runner import sample as sample_mode
 from diffusion_jax.runner import train as train_mode
 from diffusion_jax.runner.workdir import read_metrics
-from tests.conftest import COMPILATION_CACHE_ENV
+from tests.conftest import COMPILATION_CACHE_ENV, TINY_OVERRIDES
 from tests.distributed_worker import flat_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,3 +226,133 @@ def test_environment_requests_distributed_only_for_multi_process_launchers(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert parallel.environment_requests_distributed() is expected
+
+
+@pytest.mark.parametrize(
+    "args, env, bind",
+    [
+        (("127.0.0.1:1234", 2, 0, None), {}, "127.0.0.1:1234"),  # the given host only
+        (("10.0.0.1:1234", 2, 0, "0.0.0.0:1234"), {}, "0.0.0.0:1234"),  # the flag
+        (("10.0.0.1:1234", 2, 0, None), {"JAX_COORDINATOR_BIND_ADDRESS": "[::]:1234"}, "[::]:1234"),
+        ((None, 2, None, None), {}, None),  # auto-detected: JAX's choice
+    ],
+)
+def test_the_coordinator_binds_the_given_address_unless_told_otherwise(
+    monkeypatch, args, env, bind
+):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert parallel.initialize_distributed(*args) is True
+    assert calls == [
+        dict(
+            coordinator_address=args[0],
+            num_processes=args[1],
+            process_id=args[2],
+            coordinator_bind_address=bind,
+        )
+    ]
+
+
+def _listening_addresses(port: int) -> list[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) of the sockets listening on `port`."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                address, hex_port = fields[1].rsplit(":", 1)
+                if int(hex_port, 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                    found.append(address)
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's socket tables")
+def test_the_coordinator_listens_on_the_given_host_only(tmp_path):
+    port = _free_port()
+    code = (
+        "from diffusion_jax import parallel\n"
+        f"parallel.initialize_distributed('127.0.0.1:{port}', 2, 0)\n"  # waits for process 1
+    )
+    env = {k: v for k, v in _worker_env().items() if k != "JAX_COORDINATOR_BIND_ADDRESS"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (addresses := _listening_addresses(port)):
+            assert process.poll() is None, "the coordinator exited"
+            assert time.monotonic() < deadline, "the coordinator never listened"
+            time.sleep(0.05)
+    finally:
+        process.kill()
+        process.wait()
+    # 127.0.0.1 as /proc writes it (IPv4, or IPv4-mapped IPv6); never 0.0.0.0 or [::].
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}
+    assert set(addresses) <= loopback, addresses
+
+
+@pytest.mark.slow  # two jax.distributed processes
+def test_a_warning_of_a_two_process_run_is_logged_once(shared_tiny_run, digits_data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(shared_tiny_run.workdir, workdir)
+    (workdir / "config.json").write_text("damaged")  # warned about, on every process
+    shutil.rmtree(workdir / "samples")
+    (workdir / "samples").write_text("a file where the samples go")  # then a one-line error
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "experiments.main", "--config=configs/digits.py"]
+            + [f"--workdir={workdir}", "--mode=sample", f"--config.data.data_dir={digits_data_dir}"]
+            + [*TINY_OVERRIDES, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+            + [f"--process_id={i}"],
+            cwd=REPO,
+            env={**_worker_env(), "JAX_NUM_CPU_DEVICES": "2"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        errors = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    combined = "".join(errors)
+    assert combined.count("Cannot read") == 1, combined[-3000:]
+    for p, err in zip(procs, errors, strict=True):  # errors still come from every process
+        assert p.returncode == 1 and "(samples/ in it) is not writable" in err, err[-3000:]
+
+
+@pytest.mark.slow  # an 8-device subprocess
+def test_the_readme_eight_device_example_batch_sizes_are_rounded_not_refused(
+    one_device_run, digits_data_dir, tmp_path
+):
+    # sampling.batch_size=500 and eval.batch_size=500 do not divide over 8 devices; samples do
+    # not depend on the batch size, so the runs go on with a multiple of 8.
+    workdir = tmp_path / "run"
+    shutil.copytree(one_device_run[0], workdir)
+    shutil.rmtree(workdir / "samples")
+    common = [sys.executable, "-m", "experiments.main", "--config=configs/digits.py"]
+    common += [f"--workdir={workdir}", f"--config.data.data_dir={digits_data_dir}"]
+    common += [*TINY_OVERRIDES, "--config.sampling.batch_size=500", "--config.eval.batch_size=500"]
+    evaluation = ["--config.eval.num_samples=12", "--config.eval.metrics=('is',)"]
+    for mode in (["--mode=sample"], ["--mode=eval", *evaluation, "--config.eval.bpd_num_images=0"]):
+        result = subprocess.run(
+            common + mode, cwd=REPO, env=_worker_env(8), capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "does not divide" not in result.stderr
+    sampled = sorted(p for p in os.listdir(workdir / "samples") if p.endswith(".npz"))
+    assert len(sampled) == 1
+    np.testing.assert_array_equal(_samples(workdir / "samples" / sampled[0]), one_device_run[2])

@@ -332,6 +332,16 @@ def test_print_commands_prints_one_quoted_line_per_point_and_runs_nothing(tmp_pa
             [],
             "point num_steps=5000: ",
         ),
+        (  # a swept name must stay a name: nothing may be written outside the point's workdir
+            'def get_sweep():\n    return sweep("sampling.name", ["../../elsewhere"])',
+            [],
+            "sampling.name='../../elsewhere' must be a plain name",
+        ),
+        (
+            'def get_sweep():\n    return sweep("eval.name", ["/tmp/elsewhere"])',
+            ["--eval"],
+            "eval.name='/tmp/elsewhere' must be a plain name",
+        ),
     ],
 )
 def test_bad_sweep_exits_with_one_line_error_before_running(

@@ -15,8 +15,10 @@ from diffusion_jax.runner import evaluate, generate, workdir
 from diffusion_jax.runner import sample as sample_mode
 
 
-@pytest.mark.parametrize("name", ["../checkpoints", "..", ".", "/tmp/elsewhere", "a/b", "a\\b", ""])
-def test_output_names_with_a_directory_part_are_refused(name):
+@pytest.mark.parametrize(
+    "name", ["../checkpoints", "..", ".", "/tmp/elsewhere", "a/b", "a\\b", "", " ", "a\0b", " x"]
+)
+def test_output_names_that_are_not_plain_names_are_refused(name):
     with pytest.raises(ConfigError, match=r"eval\.name=.*plain name"):
         workdir.output_name(name, "eval.name")
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax import editing, images, samplers
+from diffusion_jax import checkpointing, editing, images, samplers
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.runner import loading, validation
@@ -77,12 +77,18 @@ VALIDATORS = (*validation.MODEL_VALIDATORS, validation.check_sampling, check_edi
 
 
 def load_for_edit(
-    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool, out_dir: str
 ) -> loading.Run:
-    """The run in `workdir`, after checking `config` and comparing it with the saved one."""
+    """The run in `workdir`, after checking `config`, comparing it with the saved one, checking
+    that `<workdir>/<out_dir>` takes files and that `edit.split` is a split of the dataset."""
     validation.validate(config, jax.device_count(), VALIDATORS)
+    checkpointing.require_checkpoint(workdir)
     validation.check_saved_config(config, workdir, allow_config_change)
-    return loading.load_run(workdir, config=config)
+    workdir_lib.contained_path(workdir, out_dir)
+    validation.check_workdir_writable(workdir, out_dir)
+    run = loading.load_run(workdir, config=config)
+    validation.check_splits(config, run.setup.info.num_examples, ["edit.split"])
+    return run
 
 
 def source_images(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +138,7 @@ def sdedit_mode(
     (S, B, H, W, C), strengths (S,), labels (B,)). Class-conditional models get the images'
     labels. Returns [png, npz].
     """
-    run = load_for_edit(config, workdir, allow_config_change)
+    run = load_for_edit(config, workdir, allow_config_change, "edits")
     x0, labels = source_images(config)
     spec = run.sampler_spec()
     cond_labels = None if run.num_classes is None else jnp.asarray(labels)
@@ -150,8 +156,8 @@ def sdedit_mode(
             f"seed{config.edit.seed}",
         ]
     )
-    out_dir = os.path.join(workdir, "edits")
-    png, npz = os.path.join(out_dir, name + ".png"), os.path.join(out_dir, name + ".npz")
+    png = workdir_lib.contained_path(workdir, "edits", name + ".png")
+    npz = workdir_lib.contained_path(workdir, "edits", name + ".npz")
     _save_grid(png, np.concatenate([inputs, *outputs]), ncols=len(inputs))
     _save_npz(
         npz,
@@ -175,7 +181,7 @@ def inpaint_mode(
     with the region grey, results) and .npz (inputs, masked, outputs uint8 (B, H, W, C),
     keep_mask bool (H, W, 1), labels (B,)). Returns [png, npz].
     """
-    run = load_for_edit(config, workdir, allow_config_change)
+    run = load_for_edit(config, workdir, allow_config_change, "edits")
     x0, labels = source_images(config)
     spec = run.sampler_spec()
     e = config.edit
@@ -215,8 +221,8 @@ def inpaint_mode(
     inputs, outputs = images.to_uint8(x0), images.to_uint8(np.asarray(result))
     masked = images.to_uint8(np.where(keep, x0, 0.0))  # the regenerated region in mid-grey
     name = f"inpaint_{e.mask}_{options['num_steps']}steps_U{e.resample_steps}_seed{e.seed}"
-    out_dir = os.path.join(workdir, "edits")
-    png, npz = os.path.join(out_dir, name + ".png"), os.path.join(out_dir, name + ".npz")
+    png = workdir_lib.contained_path(workdir, "edits", name + ".png")
+    npz = workdir_lib.contained_path(workdir, "edits", name + ".npz")
     _save_grid(png, np.concatenate([inputs, masked, outputs]), ncols=len(inputs))
     _save_npz(npz, inputs=inputs, masked=masked, outputs=outputs, keep_mask=keep, labels=labels)
     return [png, npz]

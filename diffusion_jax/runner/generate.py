@@ -54,6 +54,17 @@ def device_multiple(n: int, num_devices: int) -> int:
     return -(-n // num_devices) * num_devices
 
 
+def device_batch_size(batch_size: int, num_devices: int, num_samples: int | None = None) -> int:
+    """The batch a sampling loop runs for a configured `batch_size` on `num_devices`: rounded
+    down to a multiple of `num_devices` (at least `num_devices`), and no larger than the
+    multiple that holds `num_samples`. Samples do not depend on the batch size (per-sample
+    seeds), so `sampling.batch_size` and `eval.batch_size` need not divide over the devices."""
+    per_call = max(num_devices, batch_size // num_devices * num_devices)
+    if num_samples is not None:
+        per_call = min(per_call, device_multiple(num_samples, num_devices))
+    return per_call
+
+
 def make_sample_fn(
     model: UNet,
     schedule: schedules.Schedule,

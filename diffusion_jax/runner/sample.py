@@ -40,15 +40,20 @@ def sample(
     name = generate.sample_name(config)
     checkpointing.require_checkpoint(workdir)
     validation.check_saved_config(config, workdir, allow_config_change)
+    stem = workdir_lib.contained_path(workdir, "samples", name)
+    for suffix in (".npz", ".png", ".json"):
+        workdir_lib.contained_path(workdir, "samples", name + suffix)
+    validation.check_workdir_writable(workdir, "samples")
     setup = ModelSetup(config)
     state = setup.restore(workdir)
     labels_fn = setup.labels_fn()
+    batch_size = generate.device_batch_size(scfg.batch_size, setup.mesh.size, scfg.num_samples)
     batches = generate.generate_batches(
-        setup.sample_fn(scfg.batch_size, workdir=workdir),
+        setup.sample_fn(batch_size, workdir=workdir),
         state.ema_params,
         seed=scfg.seed,
         num_samples=scfg.num_samples,
-        batch_size=scfg.batch_size,
+        batch_size=batch_size,
         labels_fn=labels_fn,
     )
     started = time.perf_counter()
@@ -60,7 +65,6 @@ def sample(
         scfg.num_steps,
         time.perf_counter() - started,
     )
-    stem = os.path.join(workdir, "samples", name)
     if workdir_lib.is_chief():
         arrays = {"images": samples}
         if labels_fn is not None:

@@ -75,6 +75,7 @@ def train(
     validation.check_workdir_writable(workdir)
     validation.check_saved_config(config, workdir, allow_config_change)
     setup = ModelSetup(config)
+    validation.check_splits(config, setup.info.num_examples, ["data.train_split"])
     checkpointer = checkpointing.Checkpointer(
         workdir, max_to_keep=config.training.max_checkpoints_to_keep
     )
@@ -277,8 +278,9 @@ def _write_training_grid(
     )
     grid = np.concatenate(list(batches))
     if workdir_lib.is_chief():
-        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        images.save_grid(os.path.join(workdir, "samples", f"train_step{step}.png"), grid)
+        path = workdir_lib.contained_path(workdir, "samples", f"train_step{step}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        images.save_grid(path, grid)
 
 
 def _format_seconds(seconds: float) -> str:

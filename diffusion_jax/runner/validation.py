@@ -12,6 +12,7 @@ override is parsed, since config files return locked, typed ConfigDicts.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +25,7 @@ from diffusion_jax import diffusion, samplers, schedules, train_state
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import validate_unet_config
 from diffusion_jax.runner import workdir as workdir_lib
+from diffusion_jax.values import is_int, is_real
 
 # `validator(config, num_devices)` raises ConfigError for the first bad value of its section.
 Validator = Callable[[ml_collections.ConfigDict, int], None]
@@ -35,6 +37,47 @@ def validate(
     """Run `validators` in order; the first problem raises `ConfigError`."""
     for validator in validators:
         validator(config, num_devices)
+
+
+def check_data(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """`data.*` values that need no dataset: a data dir that is not a file, split names,
+    reader threads. (Whether the splits exist is checked against the dataset, `check_splits`.)"""
+    d = config.data
+    data_dir = d.get("data_dir", "")
+    if data_dir and os.path.exists(os.path.expanduser(data_dir)):
+        if not os.path.isdir(os.path.expanduser(data_dir)):
+            raise ConfigError(
+                f"data.data_dir={data_dir!r} is a file; pass the TFDS data directory (or '' for "
+                "$TFDS_DATA_DIR, else ~/tensorflow_datasets)"
+            )
+    for key in ("train_split", "eval_split"):
+        value = d.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"data.{key}={value!r}; name a split of the dataset, e.g. 'train'")
+    threads = d.get("num_read_threads", 0)
+    if not is_int(threads) or threads < 0:
+        raise ConfigError(
+            f"data.num_read_threads={threads!r}; use 0 (read in the training thread) or more"
+        )
+
+
+def check_splits(
+    config: ml_collections.ConfigDict, available: Iterable[str], keys: Iterable[str]
+) -> None:
+    """Raise `ConfigError` when a split named by one of the dotted config `keys` (e.g.
+    'edit.split') is not among the dataset's `available` splits. Slices ('train[:50%]') and
+    sums ('train+test') are checked by the names of their splits."""
+    available = sorted(available)
+    for key in keys:
+        section, leaf = key.split(".")
+        value = config[section][leaf]
+        names = [part.split("[", 1)[0].strip() for part in str(value).split("+")]
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise ConfigError(
+                f"{key}={value!r}: {config.data.name!r} has no split {unknown[0]!r}; use one of "
+                f"{available} (slices like 'train[:50%]' work too)"
+            )
 
 
 def check_model(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -107,17 +150,31 @@ def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
         [
             (t.num_train_steps >= 0, f"training.num_train_steps={t.num_train_steps}; use >= 0"),
             (
-                t.learning_rate > 0,
-                f"training.learning_rate={t.learning_rate}; use a positive rate",
+                _finite(t.learning_rate) and t.learning_rate > 0,
+                f"training.learning_rate={t.learning_rate}; use a finite, positive rate",
             ),
-            (t.warmup_steps >= 0, f"training.warmup_steps={t.warmup_steps}; use >= 0"),
             (
-                t.grad_clip >= 0,
-                f"training.grad_clip={t.grad_clip}; use >= 0 (0 disables clipping)",
+                is_int(t.warmup_steps) and t.warmup_steps >= 0,
+                f"training.warmup_steps={t.warmup_steps!r}; use an integer >= 0",
             ),
-            (t.weight_decay >= 0, f"training.weight_decay={t.weight_decay}; use >= 0"),
             (
-                0.0 <= t.ema_decay < 1.0,
+                _finite(t.grad_clip) and t.grad_clip >= 0,
+                f"training.grad_clip={t.grad_clip}; use a finite value >= 0 (0 disables clipping)",
+            ),
+            (
+                _finite(t.weight_decay) and t.weight_decay >= 0,
+                f"training.weight_decay={t.weight_decay}; use a finite value >= 0",
+            ),
+            (
+                _finite(t.adam_b1) and 0.0 <= t.adam_b1 < 1.0,
+                f"training.adam_b1={t.adam_b1}; use a value in [0, 1), e.g. 0.9",
+            ),
+            (
+                _finite(t.adam_b2) and 0.0 <= t.adam_b2 < 1.0,
+                f"training.adam_b2={t.adam_b2}; use a value in [0, 1), e.g. 0.999",
+            ),
+            (
+                _finite(t.ema_decay) and 0.0 <= t.ema_decay < 1.0,
                 f"training.ema_decay={t.ema_decay}; use a value in [0, 1)",
             ),
             (t.log_every >= 1, f"training.log_every={t.log_every}; use 1 or more"),
@@ -175,11 +232,17 @@ def check_sampling(config: ml_collections.ConfigDict, num_devices: int) -> None:
         )
     spec = samplers.SamplerSpec.from_config(config)
     _reraise(lambda: spec.validate(schedules.from_config(config.diffusion)))
-    _check_divides("sampling.batch_size", s.batch_size, num_devices)
+    if not is_int(s.batch_size) or s.batch_size < 1:
+        raise ConfigError(
+            f"sampling.batch_size={s.batch_size!r}; use 1 or more (it is rounded to a multiple "
+            "of the device count)"
+        )
+    if s.get("name"):
+        workdir_lib.output_name(s.name, "sampling.name")
 
 
 # The sections every mode that builds the model checks.
-MODEL_VALIDATORS: tuple[Validator, ...] = (check_model, check_diffusion)
+MODEL_VALIDATORS: tuple[Validator, ...] = (check_data, check_model, check_diffusion)
 # The sections a training run uses (the sampling section draws the training grids).
 TRAINING_VALIDATORS: tuple[Validator, ...] = (*MODEL_VALIDATORS, check_training, check_sampling)
 
@@ -269,16 +332,28 @@ def check_resume_compatible(
         )
 
 
-def check_workdir_writable(workdir: str) -> None:
-    """Raise `ConfigError` unless `workdir` exists (or can be created) and accepts a file."""
+def check_workdir_writable(workdir: str, subdir: str = "") -> None:
+    """Raise `ConfigError` unless `workdir` exists (or can be created: this creates it) and
+    accepts a file; with `subdir` (where a mode writes its outputs), unless that directory, or
+    the nearest of its parents that exists, accepts a file (nothing is created then).
+    Checked before anything is computed."""
+    directory = workdir
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check"):
+        if subdir:
+            directory = os.path.join(workdir, subdir)
+            while not os.path.exists(directory) and os.path.dirname(directory) != directory:
+                directory = os.path.dirname(directory) or "."
+            if not os.path.isdir(directory):
+                raise NotADirectoryError(0, f"{directory} is a file")
+        else:
+            os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_check"):
             pass
     except OSError as error:
         reason = error.strerror or str(error)
+        where = f"--workdir={workdir}" + (f" ({subdir}/ in it)" if subdir else "")
         raise ConfigError(
-            f"--workdir={workdir} is not writable ({reason}); choose a directory you can write to"
+            f"{where} is not writable ({reason}); choose a directory you can write to"
         ) from None
 
 
@@ -288,6 +363,11 @@ def _check_divides(key: str, value: int, num_devices: int) -> None:
             f"{key}={value} does not divide over {num_devices} devices; "
             f"use a positive multiple of {num_devices}"
         )
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool) that is neither infinite nor NaN."""
+    return is_real(value) and math.isfinite(value)
 
 
 def _check_all(checks: list[tuple[bool, str]]) -> None:

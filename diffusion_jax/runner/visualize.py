@@ -34,7 +34,7 @@ def visualize_mode(
     Class-conditional models sample the labels of `ModelSetup.labels_fn`.
     Returns [forward png, reverse png, reverse gif].
     """
-    run = load_for_edit(config, workdir, allow_config_change)
+    run = load_for_edit(config, workdir, allow_config_change, "visualize")
     x0, _ = source_images(config)
     spec = run.sampler_spec()
     rng = jax.random.PRNGKey(config.edit.seed)
@@ -48,15 +48,13 @@ def visualize_mode(
     frames = visualize.reverse_frames(
         run.model_fn(), run.schedule, (num, *x0.shape[1:]), rng, labels=labels, **spec.kwargs()
     )
-    out_dir = os.path.join(workdir, "visualize")
     name = f"reverse_{spec.tag}_seed{config.edit.seed}"
     paths = [
-        os.path.join(out_dir, "forward_strip.png"),
-        os.path.join(out_dir, name + ".png"),
-        os.path.join(out_dir, name + ".gif"),
+        workdir_lib.contained_path(workdir, "visualize", file_name)
+        for file_name in ("forward_strip.png", name + ".png", name + ".gif")
     ]
     if workdir_lib.is_chief():
-        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
         images.save_png(paths[0], forward, scale=_scale(forward))
         strip = visualize.trajectory_strip(frames, num_columns=REVERSE_STRIP_COLUMNS)
         images.save_png(paths[1], strip, scale=_scale(strip))

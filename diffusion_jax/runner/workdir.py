@@ -16,16 +16,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from tensorboardX import SummaryWriter
 
 from diffusion_jax import checkpointing
-from diffusion_jax.errors import ConfigError, NoCheckpointError
+from diffusion_jax.errors import ConfigError, NoCheckpointError, UnsafePathError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -52,24 +54,91 @@ def latest_step(workdir: str) -> int:
 
 
 def output_name(value: str, key: str) -> str:
-    """`value` checked to be a plain file name (no directory part, not '.' or '..'), so an
-    output named by a config value cannot land (or delete anything) outside its directory.
+    """`value` checked to be a plain file name (no directory part, not '.' or '..', not
+    absolute, no NUL, not blank, no surrounding spaces), so an output named by a config value
+    cannot land (or delete anything) outside its directory.
 
     Raises `ConfigError` naming `key` otherwise.
     """
     if (
-        not value
+        not isinstance(value, str)
+        or not value.strip()
+        or value != value.strip()
         or value in (".", "..")
         or "/" in value
         or "\\" in value
         or os.sep in value
+        or (os.altsep is not None and os.altsep in value)
         or "\0" in value
+        or os.path.isabs(value)
     ):
         raise ConfigError(
             f"{key}={value!r} must be a plain name (letters, digits, '-', '_', '.'; no '/' or "
-            "'..'): it names files inside the workdir"
+            "'..', not blank): it names files inside the workdir"
         )
     return value
+
+
+def contained_path(root: str, *parts: str) -> str:
+    """`os.path.join(root, *parts)`, checked to resolve (symlinks followed) inside `root`.
+
+    Every write and delete of the runner goes through this, so a name that slipped past the
+    config checks, or a symlink inside the workdir that leads out of it, cannot make the
+    program write or delete anything elsewhere. Raises `UnsafePathError` otherwise.
+    """
+    path = os.path.join(root, *parts)
+    real_root = os.path.realpath(root)
+    resolved = os.path.realpath(path)
+    if resolved == real_root or os.path.commonpath([real_root, resolved]) != real_root:
+        raise UnsafePathError(
+            f"{path} resolves to {resolved}, outside {real_root}; not writing or deleting "
+            "there: use plain names, and replace any symlink inside the directory that leads "
+            "out of it with a real directory"
+        )
+    return path
+
+
+def check_owned_dir(path: str, root: str, owned: re.Pattern[str], *, fix: str) -> list[str]:
+    """The files of the directory `path` (inside `root`; [] when it is missing), checked to be
+    nothing but regular files whose names fully match `owned` (the names this program writes
+    there), so that deleting them deletes nothing else.
+
+    Raises `UnsafePathError` naming `fix` when `path` resolves outside `root`, is a symlink or
+    a file, or holds anything else.
+    """
+    contained_path(root, os.path.relpath(path, root))
+    if not os.path.lexists(path):
+        return []
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise UnsafePathError(
+            f"{path} is not a directory this program wrote; not deleting it: {fix}"
+        )
+    try:
+        with os.scandir(path) as entries:
+            found = list(entries)
+    except FileNotFoundError:  # removed meanwhile (by the chief of a multi-process run)
+        return []
+    foreign = [
+        e.name for e in found if not (e.is_file(follow_symlinks=False) and owned.fullmatch(e.name))
+    ]
+    if foreign:
+        raise UnsafePathError(
+            f"{path} holds {sorted(foreign)[0]!r}, which this program did not write; not "
+            f"deleting it: {fix}"
+        )
+    return [e.path for e in found]
+
+
+def remove_owned_dir(path: str, root: str, owned: re.Pattern[str], *, fix: str) -> None:
+    """Delete the directory `path` and its files after `check_owned_dir` (which raises
+    `UnsafePathError`, deleting nothing, unless they are all this program's own); a missing
+    `path` is fine. Files this program did not write are never deleted."""
+    files = check_owned_dir(path, root, owned, fix=fix)
+    if not os.path.lexists(path):
+        return
+    for file in files:
+        os.remove(file)
+    os.rmdir(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +279,16 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist; pass the workdir of a training run")
     with open(path, "rb") as f:
-        return [r for r in map(_parse_record, f) if r is not None]
+        lines = [line for line in f if line.strip()]
+    records = [r for r in map(_parse_record, lines) if r is not None]
+    if len(records) < len(lines):
+        logging.warning(
+            "Skipped %d damaged line(s) of %s (cut short, not UTF-8, not a JSON object, or "
+            "without an integer step)",
+            len(lines) - len(records),
+            path,
+        )
+    return records
 
 
 def metric_columns(
