@@ -64,6 +64,7 @@ def main(argv: list[str]) -> None:
     # Progress from process 0 only; the others report warnings and errors.
     logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
+    cli.drop_closed_event_loop_reports()
     run, summary = MODES[_MODE.value]
     try:
         result = run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
