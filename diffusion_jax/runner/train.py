@@ -273,7 +273,11 @@ def _write_training_grid(
         batch_size=generate.device_multiple(num, setup.mesh.size),
         labels_fn=setup.labels_fn(),
     )
-    grid = np.concatenate(list(batches))
+    try:
+        grid = np.concatenate(list(batches))
+    except NonFiniteError as error:  # a picture is not worth stopping the run for
+        logging.warning("step %d: no sample grid written: %s", step, error)
+        return
     if workdir_lib.is_chief():
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
         images.save_grid(os.path.join(workdir, "samples", f"train_step{step}.png"), grid)
