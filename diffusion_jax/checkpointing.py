@@ -326,10 +326,13 @@ def _verify_digests(state: PyTree, saved: Mapping[str, Any], step: int, director
     restored = state_digests(state)
     differ = [path for path, digest in restored.items() if path in saved and saved[path] != digest]
     if differ:
-        others = f" and {len(differ) - 1} more" if len(differ) > 1 else ""
+        which = (
+            f"{differ[0]} and {len(differ) - 1} more arrays differ from the sha256 saved with them"
+            if len(differ) > 1
+            else f"{differ[0]} differs from the sha256 saved with it"
+        )
         raise CorruptCheckpointError(
-            f"checkpoint {step} in {directory} was damaged on disk: {differ[0]}{others} differ "
-            "from the sha256 saved with them"
+            f"checkpoint {step} in {directory} was damaged on disk: {which}"
         )
 
 
