@@ -20,46 +20,43 @@ from diffusion_jax import checkpointing, train_state
 from diffusion_jax.errors import WorkdirLockedError
 from diffusion_jax.runner import evaluate, workdir_lock
 from diffusion_jax.runner import train as train_mode
+from tests.conftest import COMPILATION_CACHE_ENV, TINY_OVERRIDES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A process that takes the lock, says so, and holds it until killed.
-_HOLDER = """
-import sys, time
-from diffusion_jax.runner import workdir_lock
-lock = workdir_lock.WorkdirLock(sys.argv[1], what="training run", fix="...")
-lock.acquire()
-print("locked", flush=True)
-time.sleep(600)
-"""
-
-
-def _start_holder(path: str) -> subprocess.Popen[str]:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, path], cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-    return holder
 
 
 def _must_not_build(*args, **kwargs):
     raise AssertionError("the model was built although the workdir is locked")
 
 
+def _hold(path: str) -> workdir_lock.WorkdirLock:
+    """The lock at `path`, held through its own open file (another flock, as another process's
+    would be)."""
+    lock = workdir_lock.WorkdirLock(path, what="training run", fix="...")
+    lock.acquire()
+    return lock
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (as a killed trainer's has)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
 def test_a_second_trainer_is_refused_in_one_line_naming_the_holder(
     tiny_config, tmp_path, monkeypatch
 ):
     workdir = str(tmp_path / "run")
-    holder = _start_holder(os.path.join(workdir, "train.lock"))
+    holder = _hold(os.path.join(workdir, "train.lock"))
+    monkeypatch.setattr(train_state, "create_model", _must_not_build)
     try:
-        monkeypatch.setattr(train_state, "create_model", _must_not_build)
         with pytest.raises(WorkdirLockedError) as raised:
             train_mode.train(tiny_config, workdir)
     finally:
-        holder.kill()
-        holder.wait()
+        holder.release()
     message = str(raised.value)
-    assert f"pid {holder.pid} on host {socket.gethostname()}, started 20" in message
+    assert f"pid {os.getpid()} on host {socket.gethostname()}, started 20" in message
     assert "is in use by another training run" in message and "\n" not in message
     assert "use another --workdir" in message
 
@@ -67,17 +64,15 @@ def test_a_second_trainer_is_refused_in_one_line_naming_the_holder(
 def test_the_lock_of_a_killed_trainer_is_taken_over_with_a_warning(trained_tiny_run, caplog):
     workdir, config = trained_tiny_run
     lock_path = os.path.join(workdir, "train.lock")
-    holder = _start_holder(lock_path)
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
-    assert json.load(open(lock_path))["pid"] == holder.pid  # left behind by the kill
+    dead = _dead_pid()
+    with open(lock_path, "w") as f:  # what a SIGKILL leaves: the record, and no flock
+        json.dump({"pid": dead, "host": socket.gethostname(), "started": time.time()}, f)
 
     with caplog.at_level(logging.WARNING):
         state = train_mode.train(config, workdir)  # already at step 6: restores, returns
     assert int(state.step) == 6
     taken = [r.getMessage() for r in caplog.records if "Taking over" in r.getMessage()]
-    assert len(taken) == 1 and f"pid {holder.pid}" in taken[0]
-    assert "no longer running" in taken[0]
+    assert len(taken) == 1 and f"pid {dead}" in taken[0] and "no longer running" in taken[0]
     assert not os.path.exists(lock_path)  # released when the run ended
 
 
@@ -118,18 +113,16 @@ def test_a_second_eval_of_the_same_name_is_refused(trained_tiny_run):
     config.eval.metrics, config.eval.bpd_num_images = ("is",), 0
     name = evaluate.eval_name(config)
     lock_path = os.path.join(workdir, "eval", name + ".lock")
-    holder = _start_holder(lock_path)
+    holder = _hold(lock_path)
     try:
         with pytest.raises(WorkdirLockedError) as raised:
             evaluate.evaluate(config, workdir)
     finally:
-        holder.kill()
-        holder.wait()
+        holder.release()
     assert f"another eval making the same samples ({name})" in str(raised.value)
-    assert f"pid {holder.pid}" in str(raised.value)
+    assert f"pid {os.getpid()}" in str(raised.value)
     assert not os.path.exists(os.path.join(workdir, "eval", name, "shard_00000.npz"))
-    # The holder was killed: its lock is stale now and the eval runs.
-    evaluate.evaluate(config, workdir)
+    evaluate.evaluate(config, workdir)  # the first one finished: this one runs
     assert not os.path.exists(lock_path)
 
 
@@ -189,3 +182,62 @@ def test_without_flock_support_a_live_holder_on_this_host_is_trusted_and_a_dead_
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def _cli(workdir: str, data_dir: str, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "experiments.main",
+        "--config=configs/digits.py",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        *TINY_OVERRIDES,
+        *overrides,
+    ]
+
+
+@pytest.mark.slow  # three training processes, one killed
+def test_cli_second_trainer_is_refused_and_the_lock_of_a_killed_one_is_taken_over(
+    digits_data_dir, tmp_path
+):
+    workdir = str(tmp_path / "run")
+    lock_path = os.path.join(workdir, "train.lock")
+    env = {**os.environ, **COMPILATION_CACHE_ENV}
+    long_run = ["--config.training.num_train_steps=100000", "--config.training.checkpoint_every=3"]
+    first = subprocess.Popen(
+        _cli(workdir, digits_data_dir, *long_run),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not checkpointing.finished_steps(workdir):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        second = subprocess.run(
+            _cli(workdir, digits_data_dir), cwd=REPO, env=env, capture_output=True, text=True
+        )
+        assert second.returncode == 1
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, second.stderr[-3000:]
+        assert f"is in use by another training run (pid {first.pid} on host" in errors[0]
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert json.load(open(lock_path))["pid"] == first.pid  # left behind by the kill
+
+    steps = checkpointing.finished_steps(workdir)
+    third = subprocess.run(
+        _cli(workdir, digits_data_dir, f"--config.training.num_train_steps={steps[-1] + 1}"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"Taking over {lock_path}: its holder (pid {first.pid}" in third.stderr
+    assert f"Resumed from step {steps[-1]}" in third.stderr
+    assert not os.path.exists(lock_path)
