@@ -1,26 +1,35 @@
 """Orbax checkpoints of the train state together with the data iterator's position.
 
-A checkpoint is one orbax step directory holding two items: 'state' (`TrainState`) and
-'data' (the Grain iterator state), so a resumed run sees exactly the batches it would have
-seen. Orbax writes into a temporary directory and renames it when complete, so a crash
-mid-save leaves the previous checkpoint as the latest; leftover temporaries are removed.
+A checkpoint is one orbax step directory holding three items: 'state' (`TrainState`), 'data'
+(the Grain iterator state), so a resumed run sees exactly the batches it would have seen, and
+'meta' (JSON): the sha256 of every state array's bytes, plus what the caller adds (the runner
+adds the run's config). Orbax writes into a temporary directory and renames it when complete,
+so a crash mid-save leaves the previous checkpoint as the latest (leftover temporaries are
+removed), and the 'meta' record is committed together with the arrays it describes.
 
-Faults: a checkpoint that cannot be read back (missing or garbled files, non-finite values) is
-moved to `<workdir>/corrupt_checkpoints/<step>` with a warning and the previous one is used
-(`restore_latest_readable`); a failed save (disk full, permissions) raises
-`CheckpointSaveError`, leaving the earlier checkpoints untouched.
+Faults: a checkpoint that cannot be read back (missing or garbled files, arrays that differ
+from their saved sha256, non-finite values) is moved to `<workdir>/corrupt_checkpoints/<step>`
+with a warning and the previous one is used (`restore_latest_readable`); checkpoints written
+before 'meta' existed load without the check. A failed save (disk full, permissions) raises
+`CheckpointSaveError` naming the step that failed, leaving the earlier checkpoints untouched;
+a save that would not fit in the free disk space is refused before anything is written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import shutil
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -29,6 +38,15 @@ from diffusion_jax import parallel
 from diffusion_jax.errors import CheckpointSaveError, CorruptCheckpointError, NoCheckpointError
 
 PyTree = Any
+
+# The JSON item saved beside the state (`read_metadata`): {"format": 1, "state_sha256":
+# {path: hex}, ...the caller's keys}. Its file name is the one orbax's JsonCheckpointHandler
+# gives it.
+META_ITEM = "meta"
+_META_FILE = "metadata"
+_DIGESTS_KEY = "state_sha256"
+# Free space a save needs beyond the state's bytes (metadata files, the 'meta' record).
+_SAVE_MARGIN_BYTES = 1 << 20
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -63,7 +81,10 @@ class Checkpointer:
         max_to_keep: int = 3,
         async_save: bool = True,
         read_only: bool = False,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
+        """metadata: JSON-serializable keys saved in every checkpoint's 'meta' record (the
+        runner saves the run's config there); "format" and "state_sha256" are reserved."""
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -73,6 +94,8 @@ class Checkpointer:
         )
         self._workdir = workdir
         self._read_only = read_only
+        self._metadata = dict(metadata or {})
+        self._in_flight: int | None = None  # the step of the asynchronous save not yet waited for
         self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
     def latest_step(self) -> int | None:
@@ -82,15 +105,46 @@ class Checkpointer:
         """Start saving `state` (and the iterator position) as `step`; returns before it is on disk
         when async. The iterator state is captured now, so the caller may keep iterating.
 
-        Raises `CheckpointSaveError` when this save, or the previous asynchronous one, failed.
+        Raises `CheckpointSaveError` naming the step that failed: the previous asynchronous save
+        (waited for first), or this one, including when the free disk space is below the
+        state's size (checked before anything is written).
         """
-        items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
+        self.wait_until_finished()
+        self._check_free_space(step, state)
+        record = {**self._metadata, "format": 1, _DIGESTS_KEY: state_digests(state)}
+        items: dict[str, Any] = {
+            "state": ocp.args.StandardSave(state),
+            META_ITEM: ocp.args.JsonSave(record),
+        }
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         try:
             self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as error:  # orbax wraps I/O errors in several types; report them all
             raise self._save_error(step, error) from error
+        self._in_flight = step
+
+    def _check_free_space(self, step: int, state: PyTree) -> None:
+        """Refuse a save that cannot fit: orbax would fail half-way through its background
+        writes, with pages of tracebacks. Collective: every process must agree to save."""
+        needed = _SAVE_MARGIN_BYTES + sum(
+            int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+            for x in jax.tree.leaves(state)
+            if hasattr(x, "shape") and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+        )
+        directory = checkpoint_dir(self._workdir)
+        try:
+            free = shutil.disk_usage(directory).free
+        except OSError:
+            free = needed  # cannot tell: let the save itself report a failure
+        if parallel.any_process(free < needed):
+            raise self._save_error(
+                step,
+                OSError(
+                    f"not enough free disk space: the checkpoint needs about "
+                    f"{_megabytes(needed)}, {_megabytes(free)} free on this process"
+                ),
+            )
 
     def restore(
         self,
@@ -103,11 +157,15 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise NoCheckpointError(f"no checkpoint in {self._manager.directory}")
+        record = read_metadata(self._workdir, step)  # first: a garbled record stops here
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        state = restored["state"]
+        if record is not None and isinstance(record.get(_DIGESTS_KEY), dict):
+            _verify_digests(state, record[_DIGESTS_KEY], step, checkpoint_dir(self._workdir))
+        return state
 
     def restore_latest_readable(
         self, abstract_state: PyTree, data_iterator: Any | None = None
@@ -128,8 +186,7 @@ class Checkpointer:
                 if not all_finite(state):
                     reason = "ValueError: it holds NaN or Inf values"
             except Exception as error:  # any failure to read means: try the previous one
-                message = str(error).splitlines()[0] if str(error) else ""
-                reason = f"{type(error).__name__}: {message}"
+                reason = f"{type(error).__name__}: {_first_line(error)}"
             # Collective: all processes must resume from the same step, even when only one of
             # them failed to read (say, a transient error on its host).
             if parallel.any_process(bool(reason)):
@@ -181,16 +238,19 @@ class Checkpointer:
         kept = f"checkpoint {intact[-1]} is intact" if intact else "no earlier checkpoint exists"
         return CheckpointSaveError(
             f"saving checkpoint {step} to {checkpoint_dir(self._workdir)} failed "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            f"({_save_failure_reason(error)}); "
             f"{kept}; free disk space or fix permissions and rerun to resume"
         )
 
     def wait_until_finished(self) -> None:
-        """Block until the asynchronous save is on disk; `CheckpointSaveError` if it failed."""
-        step = self._manager.latest_step()
+        """Block until the asynchronous save is on disk; `CheckpointSaveError`, naming its step,
+        if it failed."""
+        step, self._in_flight = self._in_flight, None
         try:
             self._manager.wait_until_finished()
         except Exception as error:
+            if step is None:
+                step = self._manager.latest_step()
             raise self._save_error(step if step is not None else -1, error) from error
 
     def close(self) -> None:
@@ -216,3 +276,85 @@ def all_finite(tree: PyTree) -> bool:
 def abstract_like(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
     """ShapeDtypeStructs of `tree` placed with `sharding`: restores onto any device count."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of `error`'s message, at most 300 characters (orbax's are paragraphs)."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _save_failure_reason(error: BaseException) -> str:
+    """The operating system's reason when a (tensorstore) message carries one, as in
+    `... Failed to write 1375641 bytes to file 9: No space left on device [os_error_code='28']`,
+    whose paragraph of paths would otherwise hide it; else the error's first line."""
+    match = re.search(r"os_error_code='?(\d+)", str(error))
+    if match:
+        return f"{os.strerror(int(match.group(1)))} [errno {match.group(1)}]"
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _megabytes(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
+def _leaf_path(path: tuple[Any, ...]) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def state_digests(state: PyTree) -> dict[str, str]:
+    """{leaf path ('ema_params/conv_in/kernel'): sha256 hex of its bytes} of every array leaf.
+
+    The bytes are the whole (global) array in C order, as `np.asarray` gives them on the host;
+    collective when a leaf spans several processes (every process must call it).
+    """
+    digests = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        value = leaf
+        if isinstance(value, jax.Array):
+            if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+                value = jax.random.key_data(value)
+            value = parallel.to_host(value)
+        host = np.ascontiguousarray(np.asarray(value))
+        digests[_leaf_path(path)] = hashlib.sha256(host.tobytes()).hexdigest()
+    return digests
+
+
+def _verify_digests(state: PyTree, saved: Mapping[str, Any], step: int, directory: str) -> None:
+    """Raise `CorruptCheckpointError` when a restored array's bytes differ from the sha256
+    saved with it. Arrays of only one side (a field added since) are not compared."""
+    restored = state_digests(state)
+    differ = [path for path, digest in restored.items() if path in saved and saved[path] != digest]
+    if differ:
+        which = (
+            f"{differ[0]} and {len(differ) - 1} more arrays differ from the sha256 saved with them"
+            if len(differ) > 1
+            else f"{differ[0]} differs from the sha256 saved with it"
+        )
+        raise CorruptCheckpointError(
+            f"checkpoint {step} in {directory} was damaged on disk: {which}"
+        )
+
+
+def read_metadata(workdir: str, step: int) -> dict[str, Any] | None:
+    """The 'meta' record saved with checkpoint `step` (the state's sha256 digests and the
+    caller's keys), or None for a checkpoint written before records existed.
+
+    Raises `CorruptCheckpointError` when the record exists but cannot be read.
+    """
+    path = os.path.join(checkpoint_dir(workdir), str(step), META_ITEM, _META_FILE)
+    if not os.path.isdir(os.path.dirname(path)):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptCheckpointError(
+            f"checkpoint {step} in {checkpoint_dir(workdir)} has an unreadable {META_ITEM} "
+            f"record ({type(error).__name__}: {_first_line(error)})"
+        ) from None
+    if not isinstance(record, dict):
+        raise CorruptCheckpointError(
+            f"checkpoint {step} in {checkpoint_dir(workdir)} has a damaged {META_ITEM} record"
+        )
+    return record

@@ -45,4 +45,9 @@ class CorruptCheckpointError(UserError, RuntimeError):
 
 
 class NonFiniteError(UserError, RuntimeError):
-    """Training produced non-finite values for too many consecutive steps."""
+    """Training produced non-finite values for too many consecutive steps, or sampling produced
+    NaN/Inf images (which would be written as black)."""
+
+
+class WorkdirLockedError(UserError, RuntimeError):
+    """Another process is writing to the workdir (training it, or making the same eval)."""

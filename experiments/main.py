@@ -75,6 +75,7 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(cli.log_level(jax.process_index()))
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
+    cli.drop_closed_event_loop_reports()
     run, summary = MODES[_MODE.value]
     try:
         result = run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import runpy
+import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 from absl import logging as absl_logging
@@ -129,10 +131,31 @@ def log_level(process_index: int) -> int:
 
 
 class QuietLibraries(logging.Filter):
-    """Keep our progress lines; drop the checkpoint and data libraries' INFO chatter."""
+    """Keep our progress lines; drop the checkpoint and data libraries' INFO chatter, and the
+    tracebacks orbax (and asyncio, for orbax's unfinished writes) log when a background save
+    fails: a full disk gives hundreds of lines, while the trainer reports the failure itself as
+    one `error:` line naming the step (`CheckpointSaveError`). `--verbosity=1` shows them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and any(part in record.pathname for part in ("/orbax/", "/asyncio/")):
+            return logging.getLogger("absl").isEnabledFor(logging.DEBUG)
         noisy = any(
             part in record.pathname for part in ("/orbax/", "/grain/", "/tensorflow_datasets/")
         )
         return record.levelno >= logging.WARNING or not noisy
+
+
+def drop_closed_event_loop_reports() -> None:
+    """When one write of an orbax save fails (a full disk), orbax closes its event loop while
+    tensorstore completes the other writes; each completion reports `RuntimeError: Event loop
+    is closed` as an unraisable exception, a traceback each (hundreds). Drop just those; the
+    save's failure is reported once, as an `error:` line."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook

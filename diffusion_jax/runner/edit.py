@@ -23,7 +23,7 @@ import numpy as np
 from diffusion_jax import checkpointing, editing, images, samplers
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.runner import loading, validation
+from diffusion_jax.runner import generate, loading, validation
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.values import is_int, is_real
 
@@ -146,7 +146,8 @@ def sdedit_mode(
     outputs = []
     for strength in strengths(config):
         edit = _sdedit_fn(run, strength, spec)
-        outputs.append(images.to_uint8(np.asarray(edit(run.params, x0, rng, cond_labels))))
+        result = np.asarray(edit(run.params, x0, rng, cond_labels))
+        outputs.append(images.to_uint8(generate.check_finite(result)))
     inputs = images.to_uint8(x0)
     name = "_".join(
         [
@@ -218,7 +219,8 @@ def inpaint_mode(
         )
 
     result = edit(run.params, x0, jax.random.PRNGKey(e.seed), cond_labels)
-    inputs, outputs = images.to_uint8(x0), images.to_uint8(np.asarray(result))
+    inputs = images.to_uint8(x0)
+    outputs = images.to_uint8(generate.check_finite(np.asarray(result)))
     masked = images.to_uint8(np.where(keep, x0, 0.0))  # the regenerated region in mid-grey
     name = f"inpaint_{e.mask}_{options['num_steps']}steps_U{e.resample_steps}_seed{e.seed}"
     png = workdir_lib.contained_path(workdir, "edits", name + ".png")

@@ -9,7 +9,9 @@
    device or process count), written as `<workdir>/eval/<name>/shard_NNNNN.npz` of
    `eval.shard_size` images each. Shards are written atomically; a pre-empted eval rerun with
    the same command keeps the finished shards and generates only the rest. A manifest pins the
-   checkpoint step and sampling settings: shards from another step or settings are discarded.
+   checkpoint step and sampling settings (shards from another step or settings are discarded)
+   and records each shard's sha256: a shard damaged on disk is generated again. While it runs,
+   `<workdir>/eval/<name>.lock` keeps a second eval of the same name out.
 3. Scores them against reference statistics of a real split (`experiments.reference_stats`):
    'fd' Frechet distance in the feature network's space (FID with 'inception'; "digits FD"
    with the shipped digits classifier), 'is' Inception Score (10 splits) from its logits,
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import re
@@ -42,7 +45,7 @@ from diffusion_jax.errors import ConfigError, MissingEvalInputError
 from diffusion_jax.evaluation import metrics as metrics_lib
 from diffusion_jax.evaluation import reference
 from diffusion_jax.evaluation.features import FeatureNetwork
-from diffusion_jax.runner import generate, validation
+from diffusion_jax.runner import generate, validation, workdir_lock
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
@@ -287,36 +290,50 @@ def _generate_shards(
         "class_conditional": bool(config.model.class_conditional),
     }
     chief = workdir_lib.is_chief()
-    _start_or_resume(shard_dir, manifest, chief, workdir)
-    batch_size = generate.device_batch_size(e.batch_size, setup.mesh.size, e.num_samples)
-    sample_fn = None
-    shards, generated = [], 0
-    for k, first in enumerate(range(0, e.num_samples, e.shard_size)):
-        path = os.path.join(shard_dir, f"shard_{k:05d}.npz")
-        count = min(e.shard_size, e.num_samples - first)
-        shard = _load_shard(path, count, setup.image_shape)
-        if shard is not None:
+    with workdir_lock.hold(
+        shard_dir + ".lock",
+        what=f"eval making the same samples ({name})",
+        fix="wait for it to finish or stop it (rerunning then resumes), or set eval.name",
+    ):
+        digests = _start_or_resume(shard_dir, manifest, chief, workdir)
+        batch_size = generate.device_batch_size(e.batch_size, setup.mesh.size, e.num_samples)
+        sample_fn = None
+        shards, generated = [], 0
+        for k, first in enumerate(range(0, e.num_samples, e.shard_size)):
+            file_name = f"shard_{k:05d}.npz"
+            path = os.path.join(shard_dir, file_name)
+            count = min(e.shard_size, e.num_samples - first)
+            shard = _load_shard(path, count, setup.image_shape, digests.get(file_name))
+            if shard is not None:
+                shards.append(shard)
+                continue
+            if sample_fn is None:  # compile only when something is left to generate
+                sample_fn = setup.sample_fn(batch_size, workdir=workdir)
+            batches = generate.generate_batches(
+                sample_fn,
+                params,
+                seed=config.sampling.seed,
+                num_samples=count,
+                batch_size=batch_size,
+                labels_fn=setup.labels_fn(),
+                first_id=first,
+            )
+            shard = np.concatenate(list(batches))
+            generated += count
+            if chief:
+                workdir_lib.atomic_savez(path, images=shard)
+                digests[file_name] = _file_sha256(path)
+                manifest_path = os.path.join(shard_dir, "manifest.json")
+                workdir_lib.atomic_write_json(manifest_path, {**manifest, "shards": digests})
             shards.append(shard)
-            continue
-        if sample_fn is None:  # compile only when something is left to generate
-            sample_fn = setup.sample_fn(batch_size, workdir=workdir)
-        batches = generate.generate_batches(
-            sample_fn,
-            params,
-            seed=config.sampling.seed,
-            num_samples=count,
-            batch_size=batch_size,
-            labels_fn=setup.labels_fn(),
-            first_id=first,
-        )
-        shard = np.concatenate(list(batches))
-        generated += count
-        if chief:
-            workdir_lib.atomic_savez(path, images=shard)
-        shards.append(shard)
-        if after_shard is not None:
-            after_shard(k)
+            if after_shard is not None:
+                after_shard(k)
     return np.concatenate(shards), generated
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 # The files `_generate_shards` writes in `eval/<name>/` (and their temporary names): the only
@@ -337,14 +354,18 @@ def _read_manifest(path: str) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def _start_or_resume(shard_dir: str, manifest: dict[str, Any], chief: bool, workdir: str) -> None:
+def _start_or_resume(
+    shard_dir: str, manifest: dict[str, Any], chief: bool, workdir: str
+) -> dict[str, str]:
     """Keep the shards of an interrupted eval with the same manifest; discard any others (a
     damaged manifest discards them too). Only files this mode writes are deleted: a shard
-    directory holding anything else is refused (`UnsafePathError`), deleting nothing."""
+    directory holding anything else is refused (`UnsafePathError`), deleting nothing.
+    Returns the sha256 of each kept shard file ({} when starting over)."""
     path = os.path.join(shard_dir, "manifest.json")
     previous = _read_manifest(path)
+    shards = previous.pop("shards", {}) if previous is not None else {}
     if previous == json.loads(json.dumps(manifest)):
-        return
+        return dict(shards) if isinstance(shards, dict) else {}
     if os.path.lexists(shard_dir):
         logging.warning(
             "Discarding the samples in %s: %s",
@@ -360,12 +381,24 @@ def _start_or_resume(shard_dir: str, manifest: dict[str, Any], chief: bool, work
         workdir_lib.remove_owned_dir(shard_dir, workdir, SHARD_DIR_FILES, fix=fix)
         os.makedirs(shard_dir)
         workdir_lib.atomic_write_json(path, manifest)
+    return {}
 
 
-def _load_shard(path: str, count: int, image_shape: tuple[int, ...]) -> np.ndarray | None:
-    """The images of a finished shard, or None when it is missing, damaged (cut short,
-    unreadable) or not `count` uint8 images of `image_shape` (then it is generated again)."""
+def _load_shard(
+    path: str, count: int, image_shape: tuple[int, ...], sha256: str | None
+) -> np.ndarray | None:
+    """The images of a finished shard, or None when it is missing, different from the sha256
+    its manifest recorded (shards recorded before manifests held digests are not checked),
+    damaged (cut short, unreadable) or not `count` uint8 images of `image_shape` (then it is
+    generated again)."""
     if not os.path.exists(path):
+        return None
+    if sha256 is not None and _file_sha256(path) != sha256:
+        logging.warning(
+            "Eval shard %s differs from the sha256 in its manifest (damaged on disk); "
+            "generating it again.",
+            path,
+        )
         return None
     try:
         with np.load(path) as data:

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from diffusion_jax import diffusion, images, parallel, samplers, schedules
 from diffusion_jax.data_gaussian import DataGaussian
+from diffusion_jax.errors import NonFiniteError
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.runner import workdir as workdir_lib
 
@@ -160,7 +161,8 @@ def generate_batches(
     sample_fn: from `make_sample_fn` (batch `batch_size`); called with numpy rng key data (2,)
       uint32, ids (batch_size,) int32 and labels (batch_size,) int32 or None.
     The last batch is padded to `batch_size` (so nothing recompiles) and trimmed. With several
-    processes every one must iterate (each step all-gathers the batch).
+    processes every one must iterate (each step all-gathers the batch). Raises `NonFiniteError`
+    for a batch holding NaN or Inf (`check_finite`) instead of yielding black images.
     """
     rng = np.asarray(jax.random.PRNGKey(seed))
     for start in range(0, num_samples, batch_size):
@@ -168,4 +170,20 @@ def generate_batches(
         labels = None if labels_fn is None else np.asarray(labels_fn(ids), np.int32)
         x = parallel.to_host(sample_fn(params, rng, ids, labels))
         count = min(batch_size, num_samples - start)
-        yield images.to_uint8(x[:count])
+        yield images.to_uint8(check_finite(x[:count], first_id=int(ids[0])))
+
+
+def check_finite(samples: np.ndarray, *, first_id: int = 0) -> np.ndarray:
+    """`samples` (B, ...) unchanged when all finite; else `NonFiniteError` naming the samples
+    (ids from `first_id`): NaN would be cast to black pixels and written as if it were an image.
+    """
+    bad = np.flatnonzero(~np.isfinite(samples.reshape(len(samples), -1)).all(axis=1))
+    if len(bad):
+        ids = ", ".join(str(first_id + i) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise NonFiniteError(
+            f"{len(bad)} of {len(samples)} samples (ids {ids}) came out NaN or Inf, so no images "
+            "were written; the checkpoint's EMA parameters or the sampler settings (sampling.*) "
+            "produce non-finite values: check the run's loss in metrics.jsonl, or try another "
+            "sampler or number of steps"
+        )
+    return samples

@@ -24,11 +24,12 @@ from absl import logging
 from diffusion_jax import checkpointing, images, parallel, train_state
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import NonFiniteError
-from diffusion_jax.runner import generate, validation
+from diffusion_jax.runner import generate, validation, workdir_lock
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
 VALIDATORS = validation.TRAINING_VALIDATORS
+LOCK_FILE = "train.lock"
 
 
 class _SigtermFlag:
@@ -66,28 +67,40 @@ def train(
 
     Before anything is compiled, refuses (`ConfigError`) an invalid config, an unwritable
     workdir, and a workdir whose checkpoints were written with different
-    `validation.RESUME_LOCKED_KEYS` values unless `allow_config_change`. On SIGTERM it
+    `validation.RESUME_LOCKED_KEYS` values unless `allow_config_change`; and
+    (`WorkdirLockedError`) a workdir another training run holds (`<workdir>/train.lock`). On
+    SIGTERM it
     saves a checkpoint at the current step and returns the state early. Raises `NonFiniteError`
     after `training.max_consecutive_nonfinite` skipped steps in a row, and
     `CheckpointSaveError` when a save fails (both `errors.UserError`).
     """
     validation.validate(config, jax.device_count(), VALIDATORS)
     validation.check_workdir_writable(workdir)
-    validation.check_saved_config(config, workdir, allow_config_change)
-    setup = ModelSetup(config)
-    validation.check_splits(config, setup.info.num_examples, ["data.train_split"])
-    checkpointer = checkpointing.Checkpointer(
-        workdir, max_to_keep=config.training.max_checkpoints_to_keep
-    )
-    # The handler stays until the last save is on disk: a second SIGTERM must not cut it short.
-    with _SigtermFlag() as sigterm:
-        try:
-            state = _train(config, workdir, setup, checkpointer, sigterm)
-        except BaseException:
-            _close_after_error(checkpointer)
-            raise
-        checkpointer.wait_until_finished()
-        checkpointer.close()
+    # Before anything reads or cleans up checkpoints: a second trainer would delete the first
+    # one's in-flight save as a leftover temporary, and both would write the same steps.
+    with workdir_lock.hold(
+        os.path.join(workdir, LOCK_FILE),
+        what="training run",
+        fix="wait for it to finish or stop it (rerunning then resumes), or use another --workdir",
+    ):
+        validation.check_saved_config(config, workdir, allow_config_change)
+        setup = ModelSetup(config)
+        validation.check_splits(config, setup.info.num_examples, ["data.train_split"])
+        checkpointer = checkpointing.Checkpointer(
+            workdir,
+            max_to_keep=config.training.max_checkpoints_to_keep,
+            metadata={"config": workdir_lib.config_json(config)},
+        )
+        # The handler stays until the last save is on disk: a second SIGTERM must not cut it
+        # short.
+        with _SigtermFlag() as sigterm:
+            try:
+                state = _train(config, workdir, setup, checkpointer, sigterm)
+            except BaseException:
+                _close_after_error(checkpointer)
+                raise
+            checkpointer.wait_until_finished()
+            checkpointer.close()
     return state
 
 
@@ -276,7 +289,11 @@ def _write_training_grid(
         batch_size=generate.device_multiple(num, setup.mesh.size),
         labels_fn=setup.labels_fn(),
     )
-    grid = np.concatenate(list(batches))
+    try:
+        grid = np.concatenate(list(batches))
+    except NonFiniteError as error:  # a picture is not worth stopping the run for
+        logging.warning("step %d: no sample grid written: %s", step, error)
+        return
     if workdir_lib.is_chief():
         path = workdir_lib.contained_path(workdir, "samples", f"train_step{step}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -388,11 +388,13 @@ def check_saved_config(
 ) -> None:
     """Refuse (`ConfigError`) a config that changes a `RESUME_LOCKED_KEYS` value of the run
     saved in `workdir` (training it on, or sampling a v-prediction model as eps, would go
-    wrong silently); with `allow_config_change`, warn about the changes instead. A workdir
-    without checkpoints has nothing to compare; an unreadable config.json is warned about."""
+    wrong silently); with `allow_config_change`, warn about the changes instead. The run's
+    config is the one saved inside its newest checkpoint, else (checkpoints written before
+    that) `config.json`. A workdir without checkpoints has nothing to compare; an unreadable
+    config.json is warned about."""
     if not workdir_lib.finished_steps(workdir):
         return
-    saved = workdir_lib.read_config_json(workdir)
+    saved = workdir_lib.checkpoint_config(workdir) or workdir_lib.read_config_json(workdir)
     if saved is None:
         if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
             logging.warning("Cannot read %s/config.json; not comparing configs.", workdir)

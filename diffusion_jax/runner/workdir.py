@@ -2,7 +2,9 @@
 
     <workdir>/config.json        the resolved config of the run (`write_config`, `read_config`)
     <workdir>/metrics.jsonl      one JSON object per logged step (`MetricWriter`, `read_metrics`)
-    <workdir>/checkpoints/       orbax (`diffusion_jax.checkpointing`; `finished_steps`)
+    <workdir>/checkpoints/       orbax (`diffusion_jax.checkpointing`; `finished_steps`); each
+                                 checkpoint also holds the config (`checkpoint_config`)
+    <workdir>/train.lock         held by the training run writing there (`runner.workdir_lock`)
     <workdir>/samples|eval|edits|visualize/<name>...   outputs (`output_name` checks names)
 
 Writes are atomic (a temporary file in the same directory, then `os.replace`; so are
@@ -27,7 +29,12 @@ from absl import logging
 from tensorboardX import SummaryWriter
 
 from diffusion_jax import checkpointing
-from diffusion_jax.errors import ConfigError, NoCheckpointError, UnsafePathError
+from diffusion_jax.errors import (
+    ConfigError,
+    CorruptCheckpointError,
+    NoCheckpointError,
+    UnsafePathError,
+)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -183,6 +190,24 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         atomic_write_text(os.path.join(workdir, CONFIG_FILE), text)
 
 
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON (what config.json holds, and each checkpoint's 'meta' record)."""
+    return dict(json.loads(config.to_json_best_effort()))
+
+
+def checkpoint_config(workdir: str) -> dict[str, Any] | None:
+    """The config saved inside the newest checkpoint that has one (plain JSON), or None
+    (checkpoints written before configs were saved in them, or no readable record)."""
+    for step in reversed(finished_steps(workdir)):
+        try:
+            record = checkpointing.read_metadata(workdir, step)
+        except CorruptCheckpointError:
+            continue
+        if record is not None and isinstance(record.get("config"), dict):
+            return dict(record["config"])
+    return None
+
+
 def read_config_json(workdir: str) -> dict[str, Any] | None:
     """`<workdir>/config.json` as plain JSON, or None when it is missing or unreadable."""
     try:
@@ -194,11 +219,14 @@ def read_config_json(workdir: str) -> dict[str, Any] | None:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run saved as `<workdir>/config.json`.
+    """The resolved config a run saved as `<workdir>/config.json`, else the one saved inside
+    its newest checkpoint.
 
     Raises `NoCheckpointError` naming the fix when the workdir has none (or it is unreadable).
     """
     saved = read_config_json(workdir)
+    if saved is None:
+        saved = checkpoint_config(workdir)  # config.json deleted: the checkpoint's own copy
     if saved is None:
         raise NoCheckpointError(
             f"{workdir} has no readable {CONFIG_FILE}; train there first (python -m "
