@@ -31,23 +31,7 @@ def _geometric_sigma_schedule(num_timesteps: int = 1000) -> schedules.Schedule:
 
 def _ode_error(sampler: str, num_steps: int, sch: schedules.Schedule, **kwargs: Any) -> float:
     """Max abs error vs the exact PF-ODE solution from the chain's first timestep."""
-    spacing = kwargs.get("timestep_spacing", "linspace")
-    ts = samplers.get_timesteps(
-        sch.num_timesteps, num_steps, spacing, alphas_cumprod=sch.alphas_cumprod
-    )
-    out = samplers.sample(
-        gaussian_oracle.optimal_model(sch, MU, S),
-        sch,
-        X_T.shape,
-        jax.random.key(0),
-        sampler=sampler,
-        num_steps=num_steps,
-        clip_x0=False,
-        x_init=jnp.asarray(X_T),
-        **kwargs,
-    )
-    ref = gaussian_oracle.exact_ode_solution(sch, X_T, int(ts[0]), MU, S)
-    return float(np.max(np.abs(np.asarray(out, np.float64) - ref)))
+    return gaussian_oracle.ode_error(sampler, num_steps, sch, X_T, MU, S, **kwargs)
 
 
 # --------------------------------------------------------------------------- spacings

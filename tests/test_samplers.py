@@ -48,19 +48,7 @@ X_T = np.linspace(-3.0, 3.0, 64).reshape(2, 32)
 
 def _ode_error(sampler: str, num_steps: int, sch: schedules.Schedule = SCH, **kwargs: Any) -> float:
     """Max abs error of a deterministic sampler vs the exact ODE solution from the same x_T."""
-    out = samplers.sample(
-        gaussian_model(sch),
-        sch,
-        X_T.shape,
-        jax.random.key(0),
-        sampler=sampler,
-        num_steps=num_steps,
-        clip_x0=False,
-        x_init=jnp.asarray(X_T),
-        **kwargs,
-    )
-    ref = exact_ode_sample(sch, X_T, sch.num_timesteps - 1)
-    return float(np.max(np.abs(np.asarray(out, np.float64) - ref)))
+    return gaussian_oracle.ode_error(sampler, num_steps, sch, X_T, MU, S, **kwargs)
 
 
 # --------------------------------------------------------------------------- timesteps

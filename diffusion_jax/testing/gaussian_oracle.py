@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion
+from diffusion_jax import diffusion, samplers
 from diffusion_jax.schedules import Schedule
 
 
@@ -50,3 +51,34 @@ def exact_ode_solution(
     var_t, var_0 = a_t**2 * s**2 + sig_t**2, a_0**2 * s**2 + sig_0**2
     x_0 = a_0 * mu + math.sqrt(var_0 / var_t) * (np.asarray(x_start, np.float64) - a_t * mu)
     return mu + a_0 * s**2 * (x_0 - a_0 * mu) / var_0
+
+
+def ode_error(
+    sampler: str,
+    num_steps: int,
+    sch: Schedule,
+    x_start: np.ndarray,
+    mu: float,
+    s: float,
+    **kwargs: Any,
+) -> float:
+    """Max abs error of `samplers.sample` with `optimal_model` from x_start (clip_x0 off)
+    against `exact_ode_solution` from the chain's first timestep (T - 1 unless a sigma spacing
+    starts below it); kwargs go to `samplers.sample`."""
+    spacing = kwargs.get("timestep_spacing", "linspace")
+    first = samplers.get_timesteps(
+        sch.num_timesteps, num_steps, spacing, alphas_cumprod=sch.alphas_cumprod
+    )[0]
+    out = samplers.sample(
+        optimal_model(sch, mu, s),
+        sch,
+        x_start.shape,
+        jax.random.key(0),
+        sampler=sampler,
+        num_steps=num_steps,
+        clip_x0=False,
+        x_init=jnp.asarray(x_start),
+        **kwargs,
+    )
+    reference = exact_ode_solution(sch, x_start, int(first), mu, s)
+    return float(np.max(np.abs(np.asarray(out, np.float64) - reference)))
