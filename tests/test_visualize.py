@@ -108,6 +108,6 @@ def test_visualize_mode_writes_strips_and_a_gif(
             image.load()
     with Image.open(gif) as image:
         assert image.format == "GIF"
-        # One frame per model evaluation of the config's sampler (dpm_solver++, 4 steps).
+        # One frame per model evaluation of the config's sampler (dpm_solver++2m_sde, 4 steps).
         assert image.n_frames == config.sampling.num_steps
-    assert os.path.basename(gif) == "reverse_dpm_solverpp4_seed0.gif"
+    assert os.path.basename(gif) == "reverse_dpm_solverpp2m_sde4_seed0.gif"
