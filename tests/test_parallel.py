@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,19 +140,16 @@ def test_checkpoint_saved_on_eight_devices_resumes_on_one_like_the_one_device_ru
     _assert_params_close(resumed["eight"], resumed["one"])
 
 
-@pytest.mark.slow  # two jax.distributed processes
-def test_two_processes_train_sample_and_checkpoint_like_one_process(
-    one_device_run, digits_data_dir, tmp_path
-):
-    """Two jax.distributed processes on localhost (2 CPU devices each) share one workdir."""
-    workdir, out, port = tmp_path / "run", tmp_path / "out", _free_port()
+def _run_two_processes(
+    command: Callable[[int], list[str]], env: dict[str, str]
+) -> tuple[list[subprocess.Popen], list[str]]:
+    """Run command(process_id) for process ids 0 and 1 at once; (processes, their stderr). A
+    hung peer is killed rather than left to outlive the test."""
     procs = [
         subprocess.Popen(
-            [*WORKER, f"--workdir={workdir}", f"--data_dir={digits_data_dir}", f"--out={out}"]
-            + ["--train", "--sample", f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
-            + [f"--process_id={i}", "--num_cpu_devices=2"],
+            command(i),
             cwd=REPO,
-            env=_worker_env(),
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -161,10 +159,27 @@ def test_two_processes_train_sample_and_checkpoint_like_one_process(
     try:
         errors = [p.communicate(timeout=240)[1] for p in procs]
     finally:
-        for p in procs:  # a hung peer must not outlive the test
+        for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    return procs, errors
+
+
+@pytest.mark.slow  # two jax.distributed processes
+def test_two_processes_train_sample_and_checkpoint_like_one_process(
+    one_device_run, digits_data_dir, tmp_path
+):
+    """Two jax.distributed processes on localhost (2 CPU devices each) share one workdir."""
+    workdir, out, port = tmp_path / "run", tmp_path / "out", _free_port()
+    procs, errors = _run_two_processes(
+        lambda i: (
+            [*WORKER, f"--workdir={workdir}", f"--data_dir={digits_data_dir}"]
+            + [f"--out={out}", "--train", "--sample", f"--coordinator=127.0.0.1:{port}"]
+            + ["--num_processes=2", f"--process_id={i}", "--num_cpu_devices=2"]
+        ),
+        _worker_env(),
+    )
     for p, err in zip(procs, errors, strict=True):
         assert p.returncode == 0, err[-3000:]
 
@@ -311,27 +326,15 @@ def test_a_warning_of_a_two_process_run_is_logged_once(shared_tiny_run, digits_d
     shutil.rmtree(workdir / "samples")
     (workdir / "samples").write_text("a file where the samples go")  # then a one-line error
     port = _free_port()
-    procs = [
-        subprocess.Popen(
+    procs, errors = _run_two_processes(
+        lambda i: (
             [sys.executable, "-m", "experiments.main", "--config=configs/digits.py"]
             + [f"--workdir={workdir}", "--mode=sample", f"--config.data.data_dir={digits_data_dir}"]
             + [*TINY_OVERRIDES, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-            + [f"--process_id={i}"],
-            cwd=REPO,
-            env={**_worker_env(), "JAX_NUM_CPU_DEVICES": "2"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        errors = [p.communicate(timeout=240)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            + [f"--process_id={i}"]
+        ),
+        {**_worker_env(), "JAX_NUM_CPU_DEVICES": "2"},
+    )
     combined = "".join(errors)
     assert combined.count("Cannot read") == 1, combined[-3000:]
     for p, err in zip(procs, errors, strict=True):  # errors still come from every process

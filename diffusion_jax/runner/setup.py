@@ -55,6 +55,7 @@ class ModelSetup:
             ),
             out_shardings=self.replicated,
         )
+        self._data_gaussian: DataGaussian | None = None  # `data_gaussian`, once read or fitted
         self.abstract_state = checkpointing.abstract_like(
             jax.eval_shape(self.init_state, jax.random.PRNGKey(0)), self.replicated
         )
@@ -143,8 +144,8 @@ class ModelSetup:
         numpy: read from `<workdir>/data_gaussian.npz`, else fitted (seconds: one pass over the
         split and an eigendecomposition of its D x D covariance) and, by the chief, written
         there for the run's later samplings."""
-        if getattr(self, "_data_gaussian", None) is not None:
-            return cast(DataGaussian, self._data_gaussian)
+        if self._data_gaussian is not None:
+            return self._data_gaussian
         path = os.path.join(workdir, DATA_GAUSSIAN_FILE) if workdir else None
         if path and os.path.exists(path):
             with np.load(path) as stored:
@@ -163,7 +164,7 @@ class ModelSetup:
                 f"{path} holds the Gaussian of {gaussian.dim}-value images; this config's are "
                 f"{self.image_shape}: delete the file to refit it"
             )
-        self._data_gaussian: DataGaussian | None = gaussian
+        self._data_gaussian = gaussian
         return gaussian
 
     def labels_fn(self) -> Any:
