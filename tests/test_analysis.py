@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from diffusion_jax import analysis
 from diffusion_jax.checkpointing import NoCheckpointError
 from diffusion_jax.runner import sweeps
+from tests.test_recompilation import compile_log
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,25 @@ def test_sample_is_deterministic_per_seed(run):
     assert a.shape == (4, 8, 8, 1) and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_sample_compiles_once_per_option_set(workdir):
+    run = analysis.load_run(workdir)  # a fresh Run: an empty sampler cache
+    with compile_log() as compiled:
+        first = analysis.sample(run, 3, sampler="ddim", num_steps=3, seed=0)
+        after_first = len(compiled)
+        again = analysis.sample(run, 3, sampler="ddim", num_steps=3, seed=5)  # new seed only
+        after_again = len(compiled)
+        analysis.sample(run, 3, sampler="ddim", num_steps=4, seed=0)  # a new option set
+        after_new_options = len(compiled)
+        same = analysis.sample(run, 3, sampler="ddim", num_steps=3, seed=0)  # back to the first
+    assert after_first >= 1 and any("generate" in name for name in compiled), compiled
+    assert after_again == after_first, compiled[after_first:]
+    assert after_new_options > after_again
+    assert len(compiled) == after_new_options, compiled[after_new_options:]
+    np.testing.assert_array_equal(first, same)
+    assert not np.array_equal(first, again)
+    assert len(run._samplers) == 2
 
 
 def test_sample_refuses_labels_for_an_unconditional_run(run):

@@ -33,6 +33,11 @@ class Run:
     config: ml_collections.ConfigDict
     setup: ModelSetup
     state: train_state.TrainState
+    # Run.sample's jitted samplers, one per (spec, shape, non-array inputs): a notebook cell
+    # that samples again with the same options reuses the compiled program.
+    _samplers: dict[Any, Any] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def step(self) -> int:
@@ -72,38 +77,61 @@ class Run:
         sampler_kwargs replace fields of the run's `sampler_spec()` (sampler, num_steps, eta,
         guidance_scale, ...; see `samplers.SamplerSpec`); other keywords go to `samplers.sample`
         (x_init, start_timestep, ...). Sample i uses fold_in(seed key, i),
-        as in the sample and eval modes.
+        as in the sample and eval modes. The compiled sampler is cached per option set (spec,
+        num_samples, non-array keywords): calling again with the same options, any seed or
+        labels, compiles nothing.
         """
         fields = {f.name for f in dataclasses.fields(samplers.SamplerSpec)}
         spec = self.sampler_spec().replace(
             **{k: v for k, v in sampler_kwargs.items() if k in fields}
         )
         inputs = {k: v for k, v in sampler_kwargs.items() if k not in fields}
+        arrays = {k: v for k, v in inputs.items() if isinstance(v, np.ndarray | jax.Array)}
+        static = tuple(sorted((k, v) for k, v in inputs.items() if k not in arrays))
         shape = (num_samples, *self.setup.image_shape)
-        model_fn = self.model_fn()
         gaussian = None
         if spec.gaussian_start_t:
             gaussian = self.setup.data_gaussian(self.workdir).as_arrays(diffusion.float_dtype())
+        key = (spec, shape, static)
+        generate = self._samplers.get(key)
+        if generate is None:
+            generate = self._samplers[key] = self._jit_sampler(spec, shape, dict(static))
+        label_array = None if labels is None else np.asarray(labels, np.int32)
+        return np.asarray(
+            generate(self.params, jax.random.PRNGKey(seed), label_array, gaussian, arrays)
+        )
+
+    def _jit_sampler(
+        self, spec: samplers.SamplerSpec, shape: tuple[int, ...], static: dict[str, Any]
+    ) -> Any:
+        """The jitted sampler of one option set; parameters, key, labels, data Gaussian and
+        array inputs (x_init, sample_ids, ...) are its arguments, so new values of the same
+        shapes reuse the compiled program (jit retraces by itself for new shapes)."""
+        setup, schedule = self.setup, self.schedule
 
         @jax.jit
         def generate(
-            rng: jax.Array, labels: jax.Array | None, gaussian: DataGaussian | None
+            params: PyTree,
+            rng: jax.Array,
+            labels: jax.Array | None,
+            gaussian: DataGaussian | None,
+            arrays: dict[str, jax.Array],
         ) -> jax.Array:
             return cast(
                 jax.Array,
                 spec.sample(
-                    model_fn,
-                    self.schedule,
+                    setup.model_fn(params),
+                    schedule,
                     shape,
                     rng,
                     labels=labels,
                     data_gaussian=gaussian,
-                    **inputs,
+                    **arrays,
+                    **static,
                 ),
             )
 
-        label_array = None if labels is None else np.asarray(labels, np.int32)
-        return np.asarray(generate(jax.random.PRNGKey(seed), label_array, gaussian))
+        return generate
 
 
 def load_run(
