@@ -19,13 +19,12 @@ the sweep then stops, and rerunning it continues.
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
-import signal
-import subprocess
+import shutil
 import sys
-from collections.abc import Mapping, Sequence
-from types import FrameType
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -33,8 +32,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.runner import cli, evaluate, sweeps, train, validation
-from diffusion_jax.runner import workdir as workdir_lib
+from diffusion_jax.runner import cli, evaluate, sweep_backends, sweeps, train, validation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _SWEEP = flags.DEFINE_string("sweep", None, "Python file whose get_sweep() returns the points.")
@@ -49,20 +47,48 @@ _METRICS = flags.DEFINE_list(
     "Metrics for the results table, from metrics.jsonl and eval/*.json (default: final loss "
     "and every eval metric).",
 )
+_BACKEND = flags.DEFINE_enum(
+    "backend",
+    "local",
+    list(sweep_backends.BACKENDS),
+    "local: one point after another; local_parallel: --max_parallel points at once, each on its "
+    "own CPU cores / GPUs; slurm: a SLURM job array through submitit, one task per point.",
+)
+_MAX_PARALLEL = flags.DEFINE_integer(
+    "max_parallel", 2, "local_parallel: how many points run at once (each gets 1/N of the devices)."
+)
+_SLURM_PARTITION = flags.DEFINE_string("slurm_partition", None, "slurm: the partition.")
+_SLURM_TIME = flags.DEFINE_string(
+    "slurm_time", "4:00:00", "slurm: time limit per point (minutes, H:MM:SS or D-HH:MM)."
+)
+_SLURM_NODES = flags.DEFINE_integer(
+    "slurm_nodes", 1, "slurm: nodes per point (more than 1: one jax.distributed job across them)."
+)
+_SLURM_GPUS_PER_NODE = flags.DEFINE_integer("slurm_gpus_per_node", 0, "slurm: GPUs per node.")
+_SLURM_CPUS_PER_TASK = flags.DEFINE_integer(
+    "slurm_cpus_per_task", 0, "slurm: CPU cores per node (0: the cluster's default)."
+)
+_SLURM_MEM_GB = flags.DEFINE_float("slurm_mem_gb", 0, "slurm: memory per node in GB (0: default).")
+_SLURM_ARRAY_PARALLELISM = flags.DEFINE_integer(
+    "slurm_array_parallelism", 256, "slurm: at most this many points run at once."
+)
+_SLURM_EXTRA = flags.DEFINE_list(
+    "slurm_extra", [], "slurm: more #SBATCH options as key=value, e.g. account=abc,qos=high."
+)
+_SLURM_WAIT = flags.DEFINE_bool(
+    "slurm_wait",
+    True,
+    "slurm: wait for the jobs, then report failures and exit non-zero if any; false: exit after "
+    "submitting (each job updates results.csv when it ends).",
+)
+_SLURM_EXECUTOR = flags.DEFINE_enum(
+    "slurm_executor",
+    "slurm",
+    ["slurm", "local"],
+    "slurm: submit with sbatch; local: submitit's LocalExecutor (the same job code as "
+    "subprocesses of this machine, for testing).",
+)
 flags.mark_flags_as_required(["config", "sweep", "workdir"])
-
-
-class _Stop:
-    """SIGTERM: remember it and pass it on to the running point, which saves and exits."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.child: subprocess.Popen[bytes] | None = None
-
-    def handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
 
 
 def _command(
@@ -78,15 +104,6 @@ def _command(
     if mode is not None:
         argv.append(f"--mode={mode}")
     return argv
-
-
-def _run(argv: Sequence[str], stop: _Stop) -> int:
-    sys.stdout.flush()
-    with subprocess.Popen(argv) as child:
-        stop.child = child
-        returncode = child.wait()
-    stop.child = None
-    return returncode
 
 
 def main(argv: list[str]) -> None:
@@ -125,44 +142,53 @@ def main(argv: list[str]) -> None:
         return
 
     try:
+        backend = _backend_options()
+    except sweeps.SweepError as error:
+        sys.exit(f"error: {error}")
+    cwd = os.getcwd()
+    jobs = tuple(
+        sweep_backends.PointJob(
+            name=name,
+            label=f"[{i + 1}/{len(names)}] {name}",
+            workdir=workdir,
+            target_steps=point_config.training.num_train_steps,
+            train_argv=tuple(_command(sys.executable, config_arg, workdir, point_overrides)),
+            eval_argv=tuple(
+                _command(sys.executable, config_arg, workdir, point_overrides, mode="eval")
+            )
+            if _EVAL.value
+            else None,
+            cwd=cwd,
+        )
+        for i, (name, workdir, point_overrides, point_config) in enumerate(
+            zip(names, workdirs, overrides, resolved, strict=True)
+        )
+    )
+    plan = sweep_backends.SweepPlan(
+        sweep_dir=sweep_dir,
+        names=tuple(names),
+        points=tuple(points),
+        jobs=jobs,
+        metrics=None if _METRICS.value is None else tuple(_METRICS.value),
+    )
+    try:
         os.makedirs(sweep_dir, exist_ok=True)
         sweeps.write_sweep_file(sweep_dir, names, points)
     except OSError as error:
         sys.exit(f"error: cannot write the sweep directory --workdir={sweep_dir} ({error})")
-    stop = _Stop()
-    signal.signal(signal.SIGTERM, stop.handle)
-    failed: dict[str, str] = {}
-    for i, (name, workdir, point_overrides, point_config) in enumerate(
-        zip(names, workdirs, overrides, resolved, strict=True)
-    ):
-        if stop.requested:
-            break
-        target = point_config.training.num_train_steps
-        step = workdir_lib.latest_step(workdir)
-        prefix = f"[{i + 1}/{len(names)}] {name}:"
-        if step >= target:
-            print(f"{prefix} skipped, finished (checkpoint at step {step})", flush=True)
-        else:
-            start = f"resuming from step {step}" if step else "new run"
-            print(f"{prefix} training to step {target} ({start})", flush=True)
-            returncode = _run(_command(sys.executable, config_arg, workdir, point_overrides), stop)
-            step = workdir_lib.latest_step(workdir)
-            if returncode != 0:
-                failed[name] = f"training exited with status {returncode}"
-            elif step < target:
-                failed[name] = f"training stopped at step {step} of {target}"
-        if _EVAL.value and name not in failed and not stop.requested:
-            print(f"{prefix} evaluating", flush=True)
-            returncode = _run(
-                _command(sys.executable, config_arg, workdir, point_overrides, mode="eval"), stop
-            )
-            if returncode != 0:
-                failed[name] = f"eval exited with status {returncode}"
-        if name in failed:
-            print(f"{prefix} FAILED: {failed[name]}", flush=True)
-        _write_results(sweep_dir, names, points, failed)  # so a long sweep shows its progress
+    stop = sweep_backends.Stop()
+    stop.install()
+    report = functools.partial(print, flush=True)
+    if _BACKEND.value == "local_parallel":
+        assert isinstance(backend, list)
+        failed = sweep_backends.run_local_parallel(plan, backend, stop, report)
+    elif _BACKEND.value == "slurm":
+        assert isinstance(backend, sweep_backends.SlurmOptions)
+        failed = sweep_backends.run_slurm(plan, backend, stop, report)
+    else:
+        failed = sweep_backends.run_local(plan, stop, report)
 
-    columns, rows = _write_results(sweep_dir, names, points, failed)
+    columns, rows = plan.write_results(failed, hparams_for=names)
     print(f"\n{sweeps.markdown_table(columns, rows)}")
     print(f"Wrote {os.path.join(sweep_dir, 'results.csv')} and results.md", flush=True)
     if stop.requested:
@@ -175,14 +201,44 @@ def main(argv: list[str]) -> None:
         )
 
 
-def _write_results(
-    sweep_dir: str, names: Sequence[str], points: Sequence[sweeps.Point], failed: Mapping[str, str]
-) -> tuple[list[str], list[dict[str, Any]]]:
-    columns, rows = sweeps.collect_results(
-        sweep_dir, names, points, metrics=_METRICS.value, failed=failed
+def _backend_options() -> list[sweep_backends.DeviceSlot] | sweep_backends.SlurmOptions | None:
+    """The chosen backend's settings from the flags, checked before anything runs."""
+    if _BACKEND.value == "local_parallel":
+        return sweep_backends.device_slots(_MAX_PARALLEL.value)
+    if _BACKEND.value != "slurm":
+        return None
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise sweeps.SweepError(
+            "--backend=slurm needs submitit: pip install -e '.[slurm]' (or pip install submitit)"
+        ) from None
+    if _SLURM_EXECUTOR.value == "slurm" and shutil.which("sbatch") is None:
+        raise sweeps.SweepError(
+            "--backend=slurm needs sbatch, which is not on PATH; run on a SLURM login node, or "
+            "use --print_commands for another scheduler"
+        )
+    extra = {}
+    for item in _SLURM_EXTRA.value:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise sweeps.SweepError(f"--slurm_extra={item!r}: write key=value, e.g. account=abc")
+        extra[key.strip()] = value.strip()
+    if _SLURM_NODES.value < 1:
+        raise sweeps.SweepError(f"--slurm_nodes={_SLURM_NODES.value}; use 1 or more")
+    return sweep_backends.SlurmOptions(
+        partition=_SLURM_PARTITION.value,
+        time_min=sweep_backends.parse_slurm_time(_SLURM_TIME.value),
+        nodes=_SLURM_NODES.value,
+        gpus_per_node=_SLURM_GPUS_PER_NODE.value,
+        cpus_per_task=_SLURM_CPUS_PER_TASK.value,
+        mem_gb=_SLURM_MEM_GB.value,
+        array_parallelism=_SLURM_ARRAY_PARALLELISM.value,
+        job_name=os.path.basename(os.path.normpath(_WORKDIR.value or "sweep")),
+        additional=extra,
+        executor=_SLURM_EXECUTOR.value,
+        wait=_SLURM_WAIT.value,
     )
-    sweeps.write_results(sweep_dir, columns, rows)
-    return columns, rows
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 from configs import digits
-from diffusion_jax.runner import sweeps
+from diffusion_jax.runner import sweep_backends, sweeps
 from diffusion_jax.runner.sweeps import SweepError, chain, product, sweep, zip_
 from tests.conftest import COMPILATION_CACHE_ENV, TINY_OVERRIDES
 
@@ -292,6 +292,186 @@ def test_a_failing_point_is_reported_the_sweep_goes_on_and_exits_nonzero(tmp_pat
         assert [r["status"] for r in csv.DictReader(f)] == ["failed", "failed"]
 
 
+def _results(workdir) -> list[dict[str, str]]:
+    with open(workdir / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_local_parallel_runs_points_at_once_and_ends_with_the_local_results(
+    trained_sweep, tmp_path, digits_data_dir
+):
+    sweep_file, baseline, _ = trained_sweep
+    workdir = tmp_path / "runs"
+    result = _run_sweep(
+        sweep_file, workdir, "--backend=local_parallel", "--max_parallel=2",
+        f"--config.data.data_dir={digits_data_dir}", *TINY_OVERRIDES,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert _results(workdir) == _results(baseline)
+    for name in ("prediction=eps", "prediction=v"):
+        assert f"{name}: on cpus " in result.stdout
+        assert "Starting a new run" in (workdir / "logs" / f"{name}.log").read_text()
+
+
+@pytest.mark.slow
+def test_slurm_backend_through_submitits_local_executor_ends_with_the_local_results(
+    trained_sweep, tmp_path, digits_data_dir
+):
+    pytest.importorskip("submitit")
+    sweep_file, baseline, _ = trained_sweep
+    workdir = tmp_path / "runs"
+    shutil.copytree(baseline, workdir)
+    shutil.rmtree(workdir / "prediction=v")  # resubmitting: eps is finished, v is new
+    os.remove(workdir / "results.csv")
+    result = _run_sweep(
+        sweep_file, workdir, "--backend=slurm", "--slurm_executor=local", "--slurm_time=0:10:00",
+        f"--config.data.data_dir={digits_data_dir}", *TINY_OVERRIDES,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[1/2] prediction=eps: skipped, finished" in result.stdout
+    assert "[2/2] prediction=v: submitted as job" in result.stdout
+    assert _results(workdir) == _results(baseline)
+    assert list((workdir / "slurm").iterdir())  # submitit's job folders and logs
+
+
+@pytest.mark.slow
+def test_failing_points_in_local_parallel_are_reported_with_their_logs(tmp_path):
+    sweep_file = _write_sweep(
+        tmp_path,
+        """
+        from diffusion_jax.runner.sweeps import sweep
+
+        def get_sweep():
+            return sweep("seed", [0, 1])
+        """,
+    )
+    # Files where the points' workdirs go: each point fails within seconds, compiling nothing.
+    workdir = tmp_path / "runs"
+    workdir.mkdir()
+    (workdir / "seed=0").write_text("")
+    (workdir / "seed=1").write_text("")
+    result = _run_sweep(sweep_file, workdir, "--backend=local_parallel", "--max_parallel=2")
+
+    assert result.returncode == 1
+    for name in ("seed=0", "seed=1"):  # the first failure stopped nothing
+        log = workdir / "logs" / f"{name}.log"
+        assert f"{name}: FAILED: training exited with status 1 (log: {log})" in result.stdout
+        assert "is not writable" in log.read_text()
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: 2 of 2 points failed (seed=0: training exited")
+    assert [r["status"] for r in _results(workdir)] == ["failed", "failed"]
+
+
+@pytest.mark.slow
+def test_the_sweep_directory_opens_as_one_tensorboard_hparams_table(trained_sweep):
+    _, workdir, result = trained_sweep
+    assert result.returncode == 0, result.stderr[-3000:]
+    groups = _tensorboard_hparams_table(str(workdir))
+    table = _results(workdir)
+    assert [g["name"] for g in groups] == [r["point"] for r in table]
+    for group, row in zip(groups, table, strict=True):
+        assert group["hparams"] == {"diffusion.prediction": row["diffusion.prediction"]}
+        assert group["metrics"] == {"loss": pytest.approx(float(row["loss"]), rel=1e-6)}
+        assert group["step"] == 6 and group["status"] == "STATUS_SUCCESS"
+
+
+def _tensorboard_hparams_table(logdir: str) -> list[dict]:
+    """What TensorBoard's HParams dashboard lists for `logdir`: its backend, on the event files."""
+    pytest.importorskip("tensorboard")
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(logdir)
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, logdir)
+    tb_context = base_plugin.TBContext(logdir=logdir, data_provider=provider)
+    statuses = [api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE]
+    request = api_pb2.ListSessionGroupsRequest(
+        start_index=0, slice_size=100, allowed_statuses=statuses
+    )
+    response = list_session_groups.Handler(
+        context.RequestContext(), backend_context.Context(tb_context), "", request
+    ).run()
+    groups = []
+    for group in sorted(response.session_groups, key=lambda g: g.name):
+        (session,) = group.sessions
+        groups.append({
+            "name": group.name,
+            "hparams": {k: v.string_value or v.number_value for k, v in group.hparams.items()},
+            "metrics": {m.name.tag: m.value for m in group.metric_values},
+            "step": {m.training_step for m in group.metric_values}.pop(),
+            "status": api_pb2.Status.Name(session.status),
+        })  # fmt: skip
+    return sorted(groups, key=lambda g: ["prediction=eps", "prediction=v"].index(g["name"]))
+
+
+def test_hparams_sessions_hold_the_swept_values_final_metrics_and_status(tmp_path):
+    points = list(sweep("diffusion.prediction", ["eps", "v"]))
+    names = sweeps.point_names(points)
+    _fake_point(
+        tmp_path, names[0], steps=[6], target=6, losses=[0.9, 0.5],
+        evals=[("ddim50", {"fd": 1.5})],
+    )  # fmt: skip
+    _fake_point(tmp_path, names[1], steps=[3], target=6, losses=[0.8])
+    _, rows = sweeps.collect_results(str(tmp_path), names, points, failed=[names[1]])
+    for point, row in zip(points, rows, strict=True):
+        sweeps.write_hparams(str(tmp_path), point, row)
+    sweeps.write_hparams(str(tmp_path), points[0], rows[0])  # a rewrite replaces the file
+    assert len(os.listdir(tmp_path / names[0] / "hparams")) == 1
+
+    groups = _tensorboard_hparams_table(str(tmp_path))
+    assert groups[0] == {
+        "name": "prediction=eps", "hparams": {"diffusion.prediction": "eps"},
+        "metrics": {"loss": 0.5, "ddim50/fd": 1.5}, "step": 6, "status": "STATUS_SUCCESS",
+    }  # fmt: skip
+    assert groups[1]["metrics"] == {"loss": pytest.approx(0.8)}
+    assert groups[1]["step"] == 3 and groups[1]["status"] == "STATUS_FAILURE"
+
+
+def test_device_slots_split_cpu_cores_and_gpus_into_disjoint_shares():
+    slots = sweep_backends.device_slots(3, cpus=range(8), gpus=["0", "1", "2", "3", "4", "5", "6"])
+    assert [s.cpus for s in slots] == [(0, 1, 2), (3, 4, 5), (6, 7)]
+    assert [s.gpus for s in slots] == [("0", "1"), ("2", "3"), ("4", "5")]  # equal shares
+    env = slots[1].env({"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["OMP_NUM_THREADS"] == "3"
+    assert env["PATH"] == "/bin"
+    assert slots[0].describe() == "cpus 0-2, CUDA_VISIBLE_DEVICES=0,1"
+    cpu_only = sweep_backends.device_slots(2, cpus=[0, 1, 4, 5, 6], gpus=[])
+    assert [s.describe() for s in cpu_only] == ["cpus 0-1,4", "cpus 5-6"]
+    assert "CUDA_VISIBLE_DEVICES" not in cpu_only[0].env({})
+
+
+def test_device_slots_refuse_more_points_than_cores_or_gpus():
+    with pytest.raises(SweepError, match="--max_parallel=3 but this process may use 2 CPU"):
+        sweep_backends.device_slots(3, cpus=[0, 1], gpus=[])
+    with pytest.raises(SweepError, match=r"2 GPUs are visible \(0,1\); use --max_parallel=2"):
+        sweep_backends.device_slots(4, cpus=range(8), gpus=["0", "1"])
+
+
+def test_visible_gpus_follow_cuda_visible_devices():
+    assert sweep_backends.visible_gpus({"CUDA_VISIBLE_DEVICES": "3, 5"}) == ["3", "5"]
+    assert sweep_backends.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+
+
+@pytest.mark.parametrize(
+    "text, minutes",
+    [("90", 90), ("4:00:00", 240), ("30:30", 31), ("1-12", 2160), ("2-00:30:00", 2910)],
+)
+def test_slurm_time_limits_are_read_as_slurm_writes_them(text, minutes):
+    assert sweep_backends.parse_slurm_time(text) == minutes
+
+
+def test_a_slurm_time_that_is_no_time_is_refused():
+    with pytest.raises(SweepError, match="--slurm_time='4h' is not a SLURM time"):
+        sweep_backends.parse_slurm_time("4h")
+
+
 def test_print_commands_prints_one_quoted_line_per_point_and_runs_nothing(tmp_path):
     sweep_file = _write_sweep(tmp_path)
     workdir = tmp_path / "runs"
@@ -341,6 +521,17 @@ def test_print_commands_prints_one_quoted_line_per_point_and_runs_nothing(tmp_pa
             'def get_sweep():\n    return sweep("eval.name", ["/tmp/elsewhere"])',
             ["--eval"],
             "eval.name='/tmp/elsewhere' must be a plain name",
+        ),
+        (
+            _TWO_POINTS,
+            ["--backend=local_parallel", f"--max_parallel={len(os.sched_getaffinity(0)) + 1}"],
+            "CPU cores; use --max_parallel=",
+        ),
+        (_TWO_POINTS, ["--backend=slurm"], "--backend=slurm needs sbatch, which is not on PATH"),
+        (
+            _TWO_POINTS,
+            ["--backend=slurm", "--slurm_executor=local", "--slurm_extra=account"],
+            "--slurm_extra='account': write key=value",
         ),
     ],
 )

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import runpy
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -408,3 +409,85 @@ def _csv_value(value: Any) -> str:
     if isinstance(value, tuple):
         return format_value(value)
     return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard HParams.
+
+HPARAMS_DIR = "hparams"  # <point workdir>/hparams/: the point's HParams session
+_HPARAMS_PLUGIN = "hparams"
+_SESSION_START_TAG = "_hparams_/session_start_info"
+_SESSION_END_TAG = "_hparams_/session_end_info"
+_NOT_METRICS = (POINT_COLUMN, STATUS_COLUMN, STEP_COLUMN)
+
+
+def write_hparams(sweep_dir: str, point: Mapping[str, Any], row: Mapping[str, Any]) -> None:
+    """Write the point's row of the results table as a TensorBoard HParams session.
+
+    `<sweep_dir>/<point name>/hparams/` gets one event file (replacing an earlier one): the
+    swept keys and values (`SessionStartInfo`, group name = point name), every numeric metric
+    of the row as a scalar at the point's latest step (tags as the table's columns: `loss`,
+    `<eval name>/fd`, ...) and the status (`SessionEndInfo`: done -> success, failed ->
+    failure, incomplete -> unknown). `tensorboard --logdir <sweep_dir>` then shows one HParams
+    table with a row per point; TensorBoard infers the columns from the sessions, so points
+    written at different times need no shared experiment file. Nothing needs TensorFlow: the
+    protobufs are tensorboardX's copies of TensorBoard's. Does nothing when the point has no
+    workdir (e.g. it failed before creating one).
+    """
+    from tensorboardX import FileWriter
+    from tensorboardX.proto import api_pb2, plugin_hparams_pb2, summary_pb2
+
+    name = str(row[POINT_COLUMN])
+    workdir = os.path.join(sweep_dir, name)
+    if not os.path.isdir(workdir):
+        return
+    start = plugin_hparams_pb2.SessionStartInfo(group_name=name)
+    for key, value in point.items():
+        hparam = start.hparams[key]
+        if isinstance(value, bool):
+            hparam.bool_value = value
+        elif isinstance(value, int | float):
+            hparam.number_value = float(value)
+        else:
+            hparam.string_value = format_value(value)
+    status = {"done": "STATUS_SUCCESS", "failed": "STATUS_FAILURE"}.get(
+        str(row[STATUS_COLUMN]), "STATUS_UNKNOWN"
+    )
+    end = plugin_hparams_pb2.SessionEndInfo(status=api_pb2.Status.Value(status))
+
+    def plugin_summary(tag: str, data: plugin_hparams_pb2.HParamsPluginData) -> Any:
+        content = data.SerializeToString()
+        metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(
+                plugin_name=_HPARAMS_PLUGIN, content=content
+            )
+        )
+        return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, metadata=metadata)])
+
+    step = int(row.get(STEP_COLUMN) or 0)
+    logdir = os.path.join(workdir, HPARAMS_DIR)
+    earlier = set(os.listdir(logdir)) if os.path.isdir(logdir) else set()
+    # A unique suffix: a rewrite within the same second must not reuse the file name.
+    writer = FileWriter(logdir, filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+    try:
+        writer.add_summary(
+            plugin_summary(_SESSION_START_TAG, plugin_hparams_pb2.HParamsPluginData(
+                session_start_info=start)),
+            step,
+        )  # fmt: skip
+        for column, value in row.items():
+            if column in _NOT_METRICS or column in point:
+                continue
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                scalar = summary_pb2.Summary.Value(tag=column, simple_value=float(value))
+                writer.add_summary(summary_pb2.Summary(value=[scalar]), step)
+        writer.add_summary(
+            plugin_summary(_SESSION_END_TAG, plugin_hparams_pb2.HParamsPluginData(
+                session_end_info=end)),
+            step,
+        )  # fmt: skip
+    finally:
+        writer.close()
+    for old in earlier:
+        if old.startswith("events.out.tfevents."):
+            os.remove(os.path.join(logdir, old))
