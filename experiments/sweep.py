@@ -1,9 +1,10 @@
-r"""Train (and optionally evaluate) every point of a sweep, one after another, and tabulate them.
+r"""Train (and optionally evaluate) every point of a sweep and tabulate them.
 
     python -m experiments.sweep --config=configs/digits.py \
         --sweep=configs/sweeps/prediction_x_schedule.py --workdir=workdirs/sweeps/pred_sched \
         [--config.training.num_train_steps=1000]    # applied to every point
         [--eval] [--metrics=loss,fd] [--print_commands]
+        [--backend=local | local_parallel --max_parallel=N | slurm --slurm_partition=... ...]
 
 Each point trains in its own subprocess, `python -m experiments.main --config=... \
 --workdir=DIR/<point name> <--config.* overrides> <the point's overrides>`. Rerunning the same
@@ -15,6 +16,12 @@ are rewritten: the point's overrides, status, step, final training loss and the 
 eval mode itself resumes). `--print_commands` prints one shell line per point for a cluster
 scheduler and runs nothing. SIGTERM is passed on to the running point, which saves a checkpoint;
 the sweep then stops, and rerunning it continues.
+
+`--backend` (`diffusion_jax.runner.sweep_backends`): `local` runs the points one after another;
+`local_parallel` runs `--max_parallel` at once, each pinned to its own CPU cores and GPUs, logs in
+`DIR/logs/`; `slurm` submits a job array through submitit (`--slurm_*` flags), one task per
+unfinished point. Every point's row is also a TensorBoard HParams session in
+`DIR/<point>/hparams/` (`tensorboard --logdir DIR`, HPARAMS tab). See docs/sweeps.md.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ nodes runs one task per node, and the trainer's SLURM detection (`parallel.py`) 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import queue
@@ -45,7 +46,10 @@ Report = Callable[[str], None]
 BACKENDS = ("local", "local_parallel", "slurm")
 # Thread pools sized from these variables (numpy's BLAS, OpenMP); XLA sizes its own CPU pools
 # from the process's CPU affinity.
-_SAVE_TIMEOUT_S = 120.0  # how long a preempted SLURM task waits for its trainer's checkpoint
+# A SLURM task is signalled this long before its time limit, and then waits up to
+# _SAVE_TIMEOUT_S for its trainer's SIGTERM checkpoint before requeueing itself.
+_SIGNAL_DELAY_S = 180
+_SAVE_TIMEOUT_S = 150.0
 _POLL_S = 2.0  # how often the slurm backend looks at its jobs while waiting
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -150,12 +154,15 @@ class Stop:
             stdout=output,
             stderr=None if output is None else subprocess.STDOUT,
         ) as child:
+            with self._lock:
+                self._children.add(child)
+            if self.requested:  # SIGTERM came while the child started
+                child.send_signal(signal.SIGTERM)
             if cpus is not None:
                 # Pinned right after exec, long before the child starts JAX and sizes its
                 # thread pools from its affinity (no preexec_fn: unsafe with threads).
-                os.sched_setaffinity(child.pid, cpus)
-            with self._lock:
-                self._children.add(child)
+                with contextlib.suppress(ProcessLookupError):  # it already exited
+                    os.sched_setaffinity(child.pid, cpus)
             try:
                 return child.wait()
             finally:
@@ -394,8 +401,9 @@ def parse_slurm_time(text: str) -> int:
 
 class PointTask:
     """One array task: run one point (`run_point`) on every node of its allocation; the first
-    task then records the results. A timeout or preemption (submitit's signal) passes SIGTERM
-    to the running trainer, which saves a checkpoint, and requeues the task, which resumes."""
+    task then records the results. Near the time limit, or on preemption, submitit calls
+    `checkpoint` in the first task: it passes SIGTERM to the trainer (whose processes agree on
+    a step, save a checkpoint there and exit) and requeues the task, which then resumes."""
 
     def __init__(self, plan: SweepPlan) -> None:
         self.plan = plan
@@ -453,6 +461,7 @@ def run_slurm(
         "nodes": options.nodes,
         "tasks_per_node": 1,  # one process per node; JAX drives all of the node's devices
         "slurm_array_parallelism": options.array_parallelism,
+        "slurm_signal_delay_s": _SIGNAL_DELAY_S,
     }
     if options.partition:
         parameters["slurm_partition"] = options.partition

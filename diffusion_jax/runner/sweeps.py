@@ -17,7 +17,9 @@ does not run anything, so notebooks (`diffusion_jax.analysis`) can read sweeps t
 
 Files of a sweep directory: `sweep.json` (the points, written before training), one workdir per
 point, `results.csv` and `results.md` (one row per point: its overrides, status, latest
-checkpoint step, final training metrics and the eval results of `<point>/eval/*.json`).
+checkpoint step, final training metrics and the eval results of `<point>/eval/*.json`), each
+point's row as a TensorBoard HParams session in `<point>/hparams/` (`write_hparams`), and the
+backends' logs (`logs/`, `slurm/`; `sweep_backends` runs the points).
 """
 
 from __future__ import annotations
