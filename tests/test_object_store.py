@@ -146,10 +146,20 @@ def test_metrics_are_appended_across_writers_on_a_store_that_cannot_append(gs_ro
         writer.write(step, {"loss": float(step)})
         writer.close()
     assert [r["step"] for r in workdir.read_metrics(gs_root)] == [2, 4]
+    # Two writers at once (an eval logging while training runs): neither drops the other's.
+    training, eval_writer = workdir.MetricWriter(gs_root), workdir.MetricWriter(gs_root)
+    training.write(6, {"loss": 6.0})
+    eval_writer.write(6, {"eval/x/fd": 1.0})
+    training.write(8, {"loss": 8.0})
+    training.close()
+    eval_writer.close()
+    assert [sorted(r) for r in workdir.read_metrics(gs_root)][2:] == [
+        ["loss", "step"], ["eval/x/fd", "step"], ["loss", "step"]
+    ]  # fmt: skip
     events = [n for n in _names(gs_root) if n.startswith("events.out.tfevents")]
-    assert len(events) == 2 and all(epath.Path(gs_root, name).stat().length > 0 for name in events)
-    workdir.truncate_metrics(gs_root, 2)
-    assert [r["step"] for r in workdir.read_metrics(gs_root)] == [2]
+    assert len(events) == 4 and all(epath.Path(gs_root, name).stat().length > 0 for name in events)
+    workdir.truncate_metrics(gs_root, 4)
+    assert [r["step"] for r in workdir.read_metrics(gs_root)] == [2, 4]
 
 
 def test_remove_owned_dir_on_a_store_deletes_only_the_programs_own_objects(gs_root):
@@ -290,3 +300,17 @@ def test_train_checkpoint_resume_sample_and_eval_on_a_gs_workdir(
     assert workdir.read_metrics(run)[-1][f"eval/{result.name}/fd"] == pytest.approx(
         result.metrics["fd"]
     )
+
+    # A damaged checkpoint on the store is set aside (copied, then deleted: no rename there)
+    # and training resumes from the one before, bit for bit again.
+    meta = workdir.join(run, "checkpoints", "6", "meta", "metadata")
+    workdir.atomic_write_text(meta, '{"format": 1, "state_sha2')
+    again = train_mode.train(tiny_config, run)
+    for a, b in zip(_leaves(shared_tiny_run.state), _leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert checkpointing.finished_steps(run) == [3, 6]
+    set_aside = workdir.join(run, "corrupt_checkpoints", "6")
+    assert {"meta", "state", "commit_success.txt"} <= set(_names(set_aside))
+    with workdir.open_file(workdir.join(set_aside, "meta", "metadata")) as f:
+        assert f.read() == '{"format": 1, "state_sha2'
+    assert checkpointing.read_metadata(run, 6) is not None  # the new checkpoint 6 is whole

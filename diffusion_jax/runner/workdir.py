@@ -25,6 +25,7 @@ import math
 import os
 import posixpath
 import re
+import uuid
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -399,8 +400,9 @@ class MetricWriter:
     """Appends `{"step": s, name: value, ...}` lines to metrics.jsonl and TensorBoard events;
     a no-op on every process but the chief.
 
-    Object stores cannot append: there the file's text is kept and uploaded whole (atomically)
-    at every `write`, and TensorBoard's event file likewise at every flush (`_ObjectFile`).
+    Object stores cannot append: there metrics.jsonl is read and uploaded whole (atomically)
+    with the new line at every `write`, and TensorBoard's event file is held and uploaded whole
+    at every flush (`_ObjectFile`).
     """
 
     def __init__(self, workdir: str) -> None:
@@ -409,13 +411,16 @@ class MetricWriter:
             makedirs(workdir)
             path = join(workdir, METRICS_FILE)
             self._jsonl: IO[str] | _ObjectFile
+            suffix = ""
             if is_local(workdir):
                 self._jsonl = open(path, "a")
             else:
-                existing = epath.Path(path).read_bytes() if exists(path) else b""
-                self._jsonl = _ObjectFile(path, existing)
+                self._jsonl = _ObjectFile(path, shared=True)
                 _register_tensorboard_backend(workdir)
-            self._tensorboard = SummaryWriter(logdir=str(workdir))
+                # Event files are named after the second and the host, and each is uploaded
+                # whole: a writer started within the same second must not replace another's.
+                suffix = f".{uuid.uuid4().hex[:8]}"
+            self._tensorboard = SummaryWriter(logdir=str(workdir), filename_suffix=suffix)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self._enabled:
@@ -434,19 +439,31 @@ class MetricWriter:
 
 
 class _ObjectFile:
-    """A file on an object store written as a whole: `write` adds to the held bytes, `flush`
-    and `close` upload them all as one object (`atomic_write_bytes`)."""
+    """Appending to an object on a store that cannot append: `write` holds the bytes, `flush`
+    and `close` upload the object whole (`atomic_write_bytes`).
 
-    def __init__(self, path: str, existing: bytes = b"") -> None:
+    shared=False: this writer owns the object (an event file of its own name) and uploads what
+    it holds. shared=True (metrics.jsonl, which an eval may log to while training runs): each
+    flush reads the object again and uploads it with the new bytes added, so another writer's
+    lines are kept unless two flushes interleave within one round trip.
+    """
+
+    def __init__(self, path: str, *, shared: bool = False) -> None:
         self.path = path
-        self._data = bytearray(existing)
+        self._shared = shared
+        self._data = bytearray()  # shared: the bytes not uploaded yet; else all of them
         self._uploaded = -1
 
     def write(self, data: str | bytes) -> None:
         self._data += data.encode("utf-8") if isinstance(data, str) else data
 
     def flush(self) -> None:
-        if self._uploaded != len(self._data):
+        if self._shared:
+            if self._data:
+                current = epath.Path(self.path).read_bytes() if exists(self.path) else b""
+                atomic_write_bytes(self.path, current + bytes(self._data))
+                self._data.clear()
+        elif self._uploaded != len(self._data):
             atomic_write_bytes(self.path, bytes(self._data))
             self._uploaded = len(self._data)
 
@@ -459,13 +476,7 @@ class _ObjectFileFactory:
     TensorBoard's events reach the store through epath like every other file."""
 
     def open(self, path: str) -> _ObjectFile:
-        # Event files are named after the second and the host: a run started again within
-        # the same second must not overwrite the first one's events.
-        unique, n = path, 0
-        while exists(unique):
-            n += 1
-            unique = f"{path}.{n}"
-        return _ObjectFile(unique)
+        return _ObjectFile(path)
 
     def directory_check(self, path: str) -> None:
         makedirs(path)
