@@ -366,11 +366,7 @@ def _start_or_resume(
     shards = previous.pop("shards", {}) if previous is not None else {}
     if previous == json.loads(json.dumps(manifest)):
         return dict(shards) if isinstance(shards, dict) else {}
-    if (
-        os.path.lexists(shard_dir)
-        if workdir_lib.is_local(shard_dir)
-        else workdir_lib.exists(shard_dir)
-    ):
+    if workdir_lib.lexists(shard_dir):
         logging.warning(
             "Discarding the samples in %s: %s",
             shard_dir,

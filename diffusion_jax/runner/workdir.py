@@ -301,6 +301,11 @@ def exists(path: str) -> bool:
     return epath.Path(path).exists()
 
 
+def lexists(path: str) -> bool:
+    """Whether `path` exists; locally a dangling symlink counts (`os.path.lexists`)."""
+    return os.path.lexists(path) if is_local(path) else exists(path)
+
+
 def isdir(path: str) -> bool:
     return epath.Path(path).is_dir()
 
