@@ -221,6 +221,16 @@ def test_the_lock_on_a_store_refuses_a_live_holder_here_and_takes_over_others(gs
     lock.release()
 
 
+def test_a_step_directory_without_orbax_commit_marker_is_not_a_finished_checkpoint(gs_root):
+    # On a store orbax writes the step directory in place and commits it with a marker last.
+    checkpoints = workdir.join(gs_root, "checkpoints")
+    workdir.atomic_write_bytes(workdir.join(checkpoints, "3", "commit_success.txt"), b"ok")
+    workdir.atomic_write_bytes(workdir.join(checkpoints, "3", "state", "x"), b"x")
+    workdir.atomic_write_bytes(workdir.join(checkpoints, "6", "state", "x"), b"x")  # cut short
+    assert checkpointing.finished_steps(gs_root) == [3]
+    assert workdir.latest_step(gs_root) == 3
+
+
 def test_a_workdir_url_that_cannot_take_files_is_one_line(gcs_emulator, tiny_config):
     from diffusion_jax.errors import ConfigError
     from diffusion_jax.runner import validation
