@@ -5,7 +5,10 @@ A checkpoint is one orbax step directory holding three items: 'state' (`TrainSta
 'meta' (JSON): the sha256 of every state array's bytes, plus what the caller adds (the runner
 adds the run's config). Orbax writes into a temporary directory and renames it when complete,
 so a crash mid-save leaves the previous checkpoint as the latest (leftover temporaries are
-removed), and the 'meta' record is committed together with the arrays it describes.
+removed), and the 'meta' record is committed together with the arrays it describes. On an
+object store (a `gs://` workdir) orbax marks a finished step directory with a
+`commit_success.txt` object instead; a step directory without it is an unfinished save.
+Every file operation here goes through `etils.epath`, so a workdir may be local or a URL.
 
 Faults: a checkpoint that cannot be read back (missing or garbled files, arrays that differ
 from their saved sha256, non-finite values) is moved to `<workdir>/corrupt_checkpoints/<step>`
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from diffusion_jax import parallel
@@ -49,17 +53,30 @@ _DIGESTS_KEY = "state_sha256"
 _SAVE_MARGIN_BYTES = 1 << 20
 
 
+def _is_local(path: str) -> bool:
+    return "://" not in str(path)
+
+
+def _root(workdir: str) -> epath.Path:
+    """The workdir as an epath: local ones made absolute, URLs (gs://...) as they are."""
+    return epath.Path(os.path.abspath(workdir) if _is_local(workdir) else workdir)
+
+
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return os.fspath(_root(workdir) / "checkpoints")
 
 
 def finished_steps(workdir: str) -> list[int]:
-    """Steps with a complete checkpoint, ascending. Orbax's in-progress saves carry a suffix, so
-    directories named by a bare number are exactly the finished ones."""
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
+    """Steps with a complete checkpoint, ascending. Locally, orbax's in-progress saves carry a
+    suffix, so directories named by a bare number are exactly the finished ones; on an object
+    store they also need orbax's commit marker (`ocp.step.is_path_finalized`)."""
+    directory = epath.Path(checkpoint_dir(workdir))
+    if not directory.is_dir():
         return []
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    names = [p.name for p in directory.iterdir() if p.name.isdigit()]
+    if not _is_local(workdir):
+        names = [n for n in names if ocp.step.is_path_finalized(directory / n)]
+    return sorted(int(name) for name in names)
 
 
 def require_checkpoint(workdir: str) -> None:
@@ -134,7 +151,8 @@ class Checkpointer:
         )
         directory = checkpoint_dir(self._workdir)
         try:
-            free = shutil.disk_usage(directory).free
+            # An object store has no free-space figure: let the save itself report a failure.
+            free = shutil.disk_usage(directory).free if _is_local(directory) else needed
         except OSError:
             free = needed  # cannot tell: let the save itself report a failure
         if parallel.any_process(free < needed):
@@ -226,12 +244,19 @@ class Checkpointer:
             self._manager.reload()
 
     def _quarantine(self, step: int) -> str:
-        target = os.path.join(os.path.abspath(self._workdir), "corrupt_checkpoints", str(step))
-        if os.path.exists(target):
-            target += f".{int(time.time())}"
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(os.path.join(checkpoint_dir(self._workdir), str(step)), target)
-        return target
+        target = _root(self._workdir) / "corrupt_checkpoints" / str(step)
+        if target.exists():
+            target = target.parent / f"{step}.{int(time.time())}"
+        source = epath.Path(checkpoint_dir(self._workdir)) / str(step)
+        if _is_local(self._workdir):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.rename(target)  # one rename on the same filesystem: atomic
+        else:
+            # An object store renames by copying every object and deleting the originals; a
+            # kill half-way leaves the step in place, to be set aside again on the next run.
+            _copy_tree(source, target)
+            source.rmtree()
+        return os.fspath(target)
 
     def _save_error(self, step: int, error: BaseException) -> CheckpointSaveError:
         intact = [s for s in finished_steps(self._workdir) if s != step]
@@ -342,11 +367,11 @@ def read_metadata(workdir: str, step: int) -> dict[str, Any] | None:
 
     Raises `CorruptCheckpointError` when the record exists but cannot be read.
     """
-    path = os.path.join(checkpoint_dir(workdir), str(step), META_ITEM, _META_FILE)
-    if not os.path.isdir(os.path.dirname(path)):
+    path = epath.Path(checkpoint_dir(workdir)) / str(step) / META_ITEM / _META_FILE
+    if not path.parent.is_dir():
         return None
     try:
-        with open(path) as f:
+        with path.open() as f:
             record = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CorruptCheckpointError(
@@ -358,3 +383,13 @@ def read_metadata(workdir: str, step: int) -> dict[str, Any] | None:
             f"checkpoint {step} in {checkpoint_dir(workdir)} has a damaged {META_ITEM} record"
         )
     return record
+
+
+def _copy_tree(source: epath.Path, target: epath.Path) -> None:
+    """Copy the directory `source` (files and subdirectories) to `target`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for child in source.iterdir():
+        if child.is_dir():
+            _copy_tree(child, target / child.name)
+        else:
+            child.copy(target / child.name, overwrite=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -28,20 +29,38 @@ def make_grid(images: np.ndarray, *, ncols: int | None = None, padding: int = 1)
     return grid
 
 
+def encode_png(image: np.ndarray, *, scale: int = 1) -> bytes:
+    """uint8 (H, W, C) with C in {1, 3} as the bytes of a PNG, enlarged `scale` times
+    (nearest)."""
+    if scale > 1:
+        image = image.repeat(scale, axis=0).repeat(scale, axis=1)
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_grid(images: np.ndarray, *, ncols: int | None = None) -> bytes:
+    """uint8 (N, H, W, C) as the bytes of one PNG grid, upscaled so small images stay
+    legible."""
+    grid = make_grid(images, ncols=ncols)
+    return encode_png(grid, scale=max(1, 512 // max(grid.shape[:2])))
+
+
 def save_png(path: str, image: np.ndarray, *, scale: int = 1) -> None:
-    """Write uint8 (H, W, C) with C in {1, 3} as PNG, enlarged `scale` times (nearest).
+    """Write `encode_png(image, scale=scale)` to the local file `path`.
 
     Atomic: written to a temporary file beside `path`, then renamed over it.
     """
-    if scale > 1:
-        image = image.repeat(scale, axis=0).repeat(scale, axis=1)
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    tmp = f"{path}.tmp.png"
-    pil.save(tmp)
-    os.replace(tmp, path)
+    _write_atomically(path, encode_png(image, scale=scale))
 
 
 def save_grid(path: str, images: np.ndarray, *, ncols: int | None = None) -> None:
-    """Save uint8 (N, H, W, C) as one PNG grid, upscaled so small images stay legible."""
-    grid = make_grid(images, ncols=ncols)
-    save_png(path, grid, scale=max(1, 512 // max(grid.shape[:2])))
+    """Write `encode_grid(images, ncols=ncols)` to the local file `path`, atomically."""
+    _write_atomically(path, encode_grid(images, ncols=ncols))
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.png"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

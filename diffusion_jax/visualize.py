@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -150,7 +150,7 @@ def gif_frames(frames: ReverseFrames, *, padding: int = 1) -> np.ndarray:
 
 
 def save_gif(
-    path: str,
+    path: str | IO[bytes],
     frames: np.ndarray | Sequence[np.ndarray],
     *,
     scale: int | None = None,
@@ -158,7 +158,8 @@ def save_gif(
     last_frame_ms: int = 1500,
     loop: int = 0,
 ) -> None:
-    """Write uint8 frames (F, H, W, C), C in {1, 3}, as an animated GIF of F frames.
+    """Write uint8 frames (F, H, W, C), C in {1, 3}, as an animated GIF of F frames to `path`
+    (a file name or a binary file object).
 
     scale: nearest-neighbour enlargement (default: so the longer side is about 256 pixels, so
     8x8 digits stay visible); duration_ms per frame, last_frame_ms for the final one (to
@@ -181,6 +182,7 @@ def save_gif(
     durations = [duration_ms] * (len(pil) - 1) + [last_frame_ms]
     pil[0].save(
         path,
+        format="GIF",
         save_all=True,
         append_images=pil[1:],
         duration=durations,

@@ -27,7 +27,9 @@ MODES: dict[str, tuple[Callable, Callable]] = {
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory (or gs:// URL) for checkpoints, metrics and samples."
+)
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",

@@ -12,7 +12,6 @@ owns, before anything is loaded.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -111,8 +110,7 @@ def _save_npz(path: str, **arrays: Any) -> None:
 
 def _save_grid(path: str, tiles: np.ndarray, ncols: int) -> None:
     if workdir_lib.is_chief():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        images.save_grid(path, tiles, ncols=ncols)
+        workdir_lib.write_grid(path, tiles, ncols=ncols)
 
 
 def _sdedit_fn(run: loading.Run, strength: float, spec: samplers.SamplerSpec) -> Any:

@@ -301,7 +301,7 @@ def _generate_shards(
         shards, generated = [], 0
         for k, first in enumerate(range(0, e.num_samples, e.shard_size)):
             file_name = f"shard_{k:05d}.npz"
-            path = os.path.join(shard_dir, file_name)
+            path = workdir_lib.join(shard_dir, file_name)
             count = min(e.shard_size, e.num_samples - first)
             shard = _load_shard(path, count, setup.image_shape, digests.get(file_name))
             if shard is not None:
@@ -323,7 +323,7 @@ def _generate_shards(
             if chief:
                 workdir_lib.atomic_savez(path, images=shard)
                 digests[file_name] = _file_sha256(path)
-                manifest_path = os.path.join(shard_dir, "manifest.json")
+                manifest_path = workdir_lib.join(shard_dir, "manifest.json")
                 workdir_lib.atomic_write_json(manifest_path, {**manifest, "shards": digests})
             shards.append(shard)
             if after_shard is not None:
@@ -332,7 +332,7 @@ def _generate_shards(
 
 
 def _file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
+    with workdir_lib.open_file(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
@@ -344,7 +344,7 @@ SHARD_DIR_FILES = re.compile(r"(manifest\.json|shard_\d{5,}\.npz)(\.tmp(\.npz)?)
 def _read_manifest(path: str) -> dict[str, Any] | None:
     """The manifest of a shard directory, or None when it is missing or damaged."""
     try:
-        with open(path, "rb") as f:
+        with workdir_lib.open_file(path, "rb") as f:
             manifest = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         return None
@@ -361,12 +361,12 @@ def _start_or_resume(
     damaged manifest discards them too). Only files this mode writes are deleted: a shard
     directory holding anything else is refused (`UnsafePathError`), deleting nothing.
     Returns the sha256 of each kept shard file ({} when starting over)."""
-    path = os.path.join(shard_dir, "manifest.json")
+    path = workdir_lib.join(shard_dir, "manifest.json")
     previous = _read_manifest(path)
     shards = previous.pop("shards", {}) if previous is not None else {}
     if previous == json.loads(json.dumps(manifest)):
         return dict(shards) if isinstance(shards, dict) else {}
-    if os.path.lexists(shard_dir):
+    if workdir_lib.lexists(shard_dir):
         logging.warning(
             "Discarding the samples in %s: %s",
             shard_dir,
@@ -379,7 +379,7 @@ def _start_or_resume(
     workdir_lib.check_owned_dir(shard_dir, workdir, SHARD_DIR_FILES, fix=fix)
     if chief:
         workdir_lib.remove_owned_dir(shard_dir, workdir, SHARD_DIR_FILES, fix=fix)
-        os.makedirs(shard_dir)
+        workdir_lib.makedirs(shard_dir)
         workdir_lib.atomic_write_json(path, manifest)
     return {}
 
@@ -391,7 +391,7 @@ def _load_shard(
     its manifest recorded (shards recorded before manifests held digests are not checked),
     damaged (cut short, unreadable) or not `count` uint8 images of `image_shape` (then it is
     generated again)."""
-    if not os.path.exists(path):
+    if not workdir_lib.exists(path):
         return None
     if sha256 is not None and _file_sha256(path) != sha256:
         logging.warning(
@@ -401,7 +401,7 @@ def _load_shard(
         )
         return None
     try:
-        with np.load(path) as data:
+        with workdir_lib.load_npz(path) as data:
             shard = np.asarray(data["images"])
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         logging.warning("Eval shard %s is unreadable (%s); generating it again", path, error)
@@ -513,7 +513,7 @@ def _likelihood_variance(config: ml_collections.ConfigDict) -> str:
 
 def _previous_timing(result_path: str, step: int) -> float | None:
     try:
-        with open(result_path) as f:
+        with workdir_lib.open_file(result_path) as f:
             previous = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None

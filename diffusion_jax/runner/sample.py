@@ -10,7 +10,6 @@ size or the device count.
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -18,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpointing, images
+from diffusion_jax import checkpointing
 from diffusion_jax.runner import generate, validation
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
@@ -70,8 +69,7 @@ def sample(
         if labels_fn is not None:
             arrays["labels"] = labels_fn(np.arange(len(samples)))
         workdir_lib.atomic_savez(stem + ".npz", **arrays)
-        os.makedirs(os.path.dirname(stem), exist_ok=True)
-        images.save_grid(stem + ".png", samples[: min(len(samples), 100)])
+        workdir_lib.write_grid(stem + ".png", samples[: min(len(samples), 100)])
         record = {"step": int(state.step), "sampling": scfg.to_dict()}
         workdir_lib.atomic_write_json(stem + ".json", record)
     return stem + ".npz"

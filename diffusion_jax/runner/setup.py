@@ -6,7 +6,6 @@ of a checkpoint into it. Every mode that builds the model starts here.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, cast
 
 import jax
@@ -146,9 +145,9 @@ class ModelSetup:
         there for the run's later samplings."""
         if self._data_gaussian is not None:
             return self._data_gaussian
-        path = os.path.join(workdir, DATA_GAUSSIAN_FILE) if workdir else None
-        if path and os.path.exists(path):
-            with np.load(path) as stored:
+        path = workdir_lib.contained_path(workdir, DATA_GAUSSIAN_FILE) if workdir else None
+        if path and workdir_lib.exists(path):
+            with workdir_lib.load_npz(path) as stored:
                 gaussian = DataGaussian(**{k: stored[k] for k in ("mean", "eigvals", "eigvecs")})
         else:
             images, _ = pipeline.eval_images(self.config.data, self.config.data.train_split)

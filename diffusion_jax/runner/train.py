@@ -9,7 +9,6 @@ appears once. Progress goes through `absl.logging`; nothing is printed.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpointing, images, parallel, train_state
+from diffusion_jax import checkpointing, parallel, train_state
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import NonFiniteError
 from diffusion_jax.runner import generate, validation, workdir_lock
@@ -79,7 +78,7 @@ def train(
     # Before anything reads or cleans up checkpoints: a second trainer would delete the first
     # one's in-flight save as a leftover temporary, and both would write the same steps.
     with workdir_lock.hold(
-        os.path.join(workdir, LOCK_FILE),
+        workdir_lib.join(workdir, LOCK_FILE),
         what="training run",
         fix="wait for it to finish or stop it (rerunning then resumes), or use another --workdir",
     ):
@@ -296,8 +295,7 @@ def _write_training_grid(
         return
     if workdir_lib.is_chief():
         path = workdir_lib.contained_path(workdir, "samples", f"train_step{step}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        images.save_grid(path, grid)
+        workdir_lib.write_grid(path, grid)
 
 
 def _format_seconds(seconds: float) -> str:

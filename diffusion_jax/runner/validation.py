@@ -336,7 +336,11 @@ def check_workdir_writable(workdir: str, subdir: str = "") -> None:
     """Raise `ConfigError` unless `workdir` exists (or can be created: this creates it) and
     accepts a file; with `subdir` (where a mode writes its outputs), unless that directory, or
     the nearest of its parents that exists, accepts a file (nothing is created then).
-    Checked before anything is computed."""
+    Checked before anything is computed. On an object store (gs://...), which has no
+    directories, a probe object is written under `<workdir>/<subdir>/` and deleted."""
+    if not workdir_lib.is_local(workdir):
+        _check_url_writable(workdir, subdir)
+        return
     directory = workdir
     try:
         if subdir:
@@ -354,6 +358,20 @@ def check_workdir_writable(workdir: str, subdir: str = "") -> None:
         where = f"--workdir={workdir}" + (f" ({subdir}/ in it)" if subdir else "")
         raise ConfigError(
             f"{where} is not writable ({reason}); choose a directory you can write to"
+        ) from None
+
+
+def _check_url_writable(workdir: str, subdir: str) -> None:
+    probe = workdir_lib.join(workdir, *([subdir] if subdir else []), f".write_check{os.getpid()}")
+    try:
+        workdir_lib.atomic_write_bytes(probe, b"")
+        workdir_lib.remove_file(probe)
+    except Exception as error:  # the stores' clients raise their own types (auth, HTTP, ...)
+        where = f"--workdir={workdir}" + (f" ({subdir}/ in it)" if subdir else "")
+        reason = (str(error).splitlines() or [""])[0]
+        raise ConfigError(
+            f"{where} is not writable ({type(error).__name__}: {reason}); "
+            "check the credentials and the bucket name, or choose a directory you can write to"
         ) from None
 
 
@@ -396,7 +414,7 @@ def check_saved_config(
         return
     saved = workdir_lib.checkpoint_config(workdir) or workdir_lib.read_config_json(workdir)
     if saved is None:
-        if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+        if workdir_lib.exists(workdir_lib.join(workdir, workdir_lib.CONFIG_FILE)):
             logging.warning("Cannot read %s/config.json; not comparing configs.", workdir)
         return
     if not allow_config_change:

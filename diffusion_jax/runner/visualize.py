@@ -5,13 +5,13 @@ visualize_mode(config, workdir)  workdir/visualize/forward_strip.png, reverse_<.
 
 from __future__ import annotations
 
-import os
+import io
 
 import jax
 import ml_collections
 import numpy as np
 
-from diffusion_jax import images, visualize
+from diffusion_jax import visualize
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.edit import load_for_edit, source_images
 
@@ -54,11 +54,12 @@ def visualize_mode(
         for file_name in ("forward_strip.png", name + ".png", name + ".gif")
     ]
     if workdir_lib.is_chief():
-        os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
-        images.save_png(paths[0], forward, scale=_scale(forward))
+        workdir_lib.write_png(paths[0], forward, scale=_scale(forward))
         strip = visualize.trajectory_strip(frames, num_columns=REVERSE_STRIP_COLUMNS)
-        images.save_png(paths[1], strip, scale=_scale(strip))
-        visualize.save_gif(paths[2], visualize.gif_frames(frames))
+        workdir_lib.write_png(paths[1], strip, scale=_scale(strip))
+        gif = io.BytesIO()
+        visualize.save_gif(gif, visualize.gif_frames(frames))
+        workdir_lib.atomic_write_bytes(paths[2], gif.getvalue())
     return paths
 
 

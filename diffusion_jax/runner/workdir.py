@@ -7,28 +7,36 @@
     <workdir>/train.lock         held by the training run writing there (`runner.workdir_lock`)
     <workdir>/samples|eval|edits|visualize/<name>...   outputs (`output_name` checks names)
 
-Writes are atomic (a temporary file in the same directory, then `os.replace`; so are
-`images.save_png` and `save_grid`), so a reader never sees, and a killed process never leaves,
-a half-written file. In a multi-process run only the chief
-(process 0) writes; every function that writes says so.
+A workdir is a local path or an object-store URL (`gs://bucket/run`, `s3://...`): every read,
+write, listing, rename and delete here goes through `etils.epath` (docs/storage.md).
+
+Writes are atomic, so a reader never sees, and a killed process never leaves, a half-written
+file: on a local disk a temporary file in the same directory, then `os.replace`; on an object
+store one upload of the final name, which the store makes visible whole or not at all (a rename
+there is a copy and a delete). In a multi-process run only the chief (process 0) writes; every
+function that writes says so.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import posixpath
 import re
+import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from tensorboardX import SummaryWriter
+from etils import epath
+from tensorboardX import SummaryWriter, record_writer
 
-from diffusion_jax import checkpointing
+from diffusion_jax import checkpointing, images
 from diffusion_jax.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -86,17 +94,39 @@ def output_name(value: str, key: str) -> str:
     return value
 
 
+def is_local(path: str) -> bool:
+    """Whether `path` is on a local (POSIX) filesystem, not an object-store URL like gs://."""
+    return "://" not in str(path)
+
+
+def join(root: str, *parts: str) -> str:
+    """`root` joined with `parts`: `os.path.join` locally, '/'-joined for a URL."""
+    return os.path.join(root, *parts) if is_local(root) else posixpath.join(str(root), *parts)
+
+
+def dirname(path: str) -> str:
+    return os.path.dirname(path) if is_local(path) else posixpath.dirname(path)
+
+
 def contained_path(root: str, *parts: str) -> str:
-    """`os.path.join(root, *parts)`, checked to resolve (symlinks followed) inside `root`.
+    """`join(root, *parts)`, checked to lie inside `root`.
 
     Every write and delete of the runner goes through this, so a name that slipped past the
     config checks, or a symlink inside the workdir that leads out of it, cannot make the
-    program write or delete anything elsewhere. Raises `UnsafePathError` otherwise.
+    program write or delete anything elsewhere. A local path is resolved (symlinks followed);
+    an object-store URL, which has no symlinks, is normalised ('.' and '..' folded) and must
+    keep `root`'s scheme, bucket and prefix. Raises `UnsafePathError` otherwise.
     """
-    path = os.path.join(root, *parts)
-    real_root = os.path.realpath(root)
-    resolved = os.path.realpath(path)
-    if resolved == real_root or os.path.commonpath([real_root, resolved]) != real_root:
+    path = join(root, *parts)
+    if is_local(root):
+        real_root = os.path.realpath(root)
+        resolved = os.path.realpath(path)
+        inside = resolved != real_root and os.path.commonpath([real_root, resolved]) == real_root
+    else:
+        real_root, normal = str(_normalised_url(str(root))), _normalised_url(path)
+        inside = normal is not None and normal.startswith(real_root + "/")
+        resolved = normal or "a place above the bucket"
+    if not inside:
         raise UnsafePathError(
             f"{path} resolves to {resolved}, outside {real_root}; not writing or deleting "
             "there: use plain names, and replace any symlink inside the directory that leads "
@@ -105,15 +135,38 @@ def contained_path(root: str, *parts: str) -> str:
     return path
 
 
+def _normalised_url(url: str) -> str | None:
+    """`scheme://bucket/a/./b/../c//` as `scheme://bucket/a/c` ('.', '..' and repeated '/'
+    folded), or None when a '..' climbs above the bucket."""
+    scheme, _, rest = url.partition("://")
+    bucket, _, key = rest.partition("/")
+    parts: list[str] = []
+    for part in key.split("/"):
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    return "/".join([f"{scheme}://{bucket}", *parts])
+
+
 def check_owned_dir(path: str, root: str, owned: re.Pattern[str], *, fix: str) -> list[str]:
     """The files of the directory `path` (inside `root`; [] when it is missing), checked to be
     nothing but regular files whose names fully match `owned` (the names this program writes
     there), so that deleting them deletes nothing else.
 
-    Raises `UnsafePathError` naming `fix` when `path` resolves outside `root`, is a symlink or
-    a file, or holds anything else.
+    Raises `UnsafePathError` naming `fix` when `path` lies outside `root`, is a symlink or
+    a file, or holds anything else (on an object store: anything under a sub-prefix).
     """
-    contained_path(root, os.path.relpath(path, root))
+    if is_local(root):
+        contained_path(root, os.path.relpath(path, root))
+    else:
+        resolved, real_root = _normalised_url(path), _normalised_url(root)
+        if resolved is None or not resolved.startswith(f"{real_root}/"):
+            raise UnsafePathError(f"{path} lies outside {real_root}; not deleting it: {fix}")
+    if not is_local(path):
+        return _check_owned_prefix(epath.Path(path), owned, fix=fix)
     if not os.path.lexists(path):
         return []
     if os.path.islink(path) or not os.path.isdir(path):
@@ -136,11 +189,37 @@ def check_owned_dir(path: str, root: str, owned: re.Pattern[str], *, fix: str) -
     return [e.path for e in found]
 
 
+def _check_owned_prefix(path: epath.Path, owned: re.Pattern[str], *, fix: str) -> list[str]:
+    """`check_owned_dir` on an object store: objects directly under `path/`, no sub-prefix."""
+    if not path.exists():
+        return []
+    if not path.is_dir():
+        raise UnsafePathError(
+            f"{path} is not a directory this program wrote; not deleting it: {fix}"
+        )
+    try:
+        found = list(path.iterdir())
+    except FileNotFoundError:  # removed meanwhile (by the chief of a multi-process run)
+        return []
+    foreign = [p.name for p in found if p.is_dir() or not owned.fullmatch(p.name)]
+    if foreign:
+        raise UnsafePathError(
+            f"{path} holds {sorted(foreign)[0]!r}, which this program did not write; not "
+            f"deleting it: {fix}"
+        )
+    return [os.fspath(p) for p in found]
+
+
 def remove_owned_dir(path: str, root: str, owned: re.Pattern[str], *, fix: str) -> None:
     """Delete the directory `path` and its files after `check_owned_dir` (which raises
     `UnsafePathError`, deleting nothing, unless they are all this program's own); a missing
-    `path` is fine. Files this program did not write are never deleted."""
+    `path` is fine. Files this program did not write are never deleted. On an object store
+    the objects are deleted one by one (the prefix vanishes with its last object)."""
     files = check_owned_dir(path, root, owned, fix=fix)
+    if not is_local(path):
+        for file in files:
+            epath.Path(file).unlink(missing_ok=True)
+        return
     if not os.path.lexists(path):
         return
     for file in files:
@@ -149,7 +228,7 @@ def remove_owned_dir(path: str, root: str, owned: re.Pattern[str], *, fix: str) 
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes.
+# Atomic writes and reads.
 
 
 def _tmp_path(path: str, suffix: str = "") -> str:
@@ -157,13 +236,32 @@ def _tmp_path(path: str, suffix: str = "") -> str:
     return f"{path}.tmp{suffix}"
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` to `path` atomically, creating its directory."""
+def makedirs(path: str) -> None:
+    """Create the directory `path` and its parents (a no-op for object-store prefixes that a
+    write creates implicitly, but harmless there)."""
+    if is_local(path):
+        os.makedirs(path, exist_ok=True)
+    else:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically, creating its directory: locally a temporary file
+    beside it, then `os.replace`; on an object store one upload of the final name (the
+    store's atomic unit: readers see the old object or the new one, never a part)."""
+    if not is_local(path):
+        epath.Path(path).write_bytes(data)
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = _tmp_path(path)
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically, creating its directory."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str, record: Any) -> None:
@@ -173,10 +271,57 @@ def atomic_write_json(path: str, record: Any) -> None:
 
 def atomic_savez(path: str, **arrays: Any) -> None:
     """`np.savez(path, **arrays)` atomically, creating the directory."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = _tmp_path(path, ".npz")  # np.savez appends .npz to names without it
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_png(path: str, image: np.ndarray, *, scale: int = 1) -> None:
+    """`images.encode_png(image, scale=scale)` written to `path` atomically."""
+    atomic_write_bytes(path, images.encode_png(image, scale=scale))
+
+
+def write_grid(path: str, tiles: np.ndarray, *, ncols: int | None = None) -> None:
+    """`images.encode_grid(tiles, ncols=ncols)` written to `path` atomically."""
+    atomic_write_bytes(path, images.encode_grid(tiles, ncols=ncols))
+
+
+def load_npz(path: str) -> Any:
+    """`np.load` of the .npz at `path` (local or object store), read whole into memory; use it
+    as a context manager like np.load's NpzFile."""
+    return np.load(io.BytesIO(epath.Path(path).read_bytes()))
+
+
+def remove_file(path: str) -> None:
+    """Delete the file `path` (missing is fine)."""
+    epath.Path(path).unlink(missing_ok=True)
+
+
+def exists(path: str) -> bool:
+    return epath.Path(path).exists()
+
+
+def lexists(path: str) -> bool:
+    """Whether `path` exists; locally a dangling symlink counts (`os.path.lexists`)."""
+    return os.path.lexists(path) if is_local(path) else exists(path)
+
+
+def isdir(path: str) -> bool:
+    return epath.Path(path).is_dir()
+
+
+def open_file(path: str, mode: str = "r") -> IO[Any]:
+    """`open(path, mode)` for a local path or an object-store URL ('r' and 'rb' here; writes
+    go through the atomic functions above)."""
+    return epath.Path(path).open(mode)
+
+
+def listdir(path: str) -> list[str]:
+    """The names in the directory `path` (FileNotFoundError when it does not exist)."""
+    directory = epath.Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory")
+    return [p.name for p in directory.iterdir()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +332,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Save the resolved config as `<workdir>/config.json` (chief only), atomically."""
     if is_chief():
         text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
-        atomic_write_text(os.path.join(workdir, CONFIG_FILE), text)
+        atomic_write_text(join(workdir, CONFIG_FILE), text)
 
 
 def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -211,7 +356,7 @@ def checkpoint_config(workdir: str) -> dict[str, Any] | None:
 def read_config_json(workdir: str) -> dict[str, Any] | None:
     """`<workdir>/config.json` as plain JSON, or None when it is missing or unreadable."""
     try:
-        with open(os.path.join(workdir, CONFIG_FILE)) as f:
+        with open_file(join(workdir, CONFIG_FILE)) as f:
             saved = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
@@ -258,14 +403,29 @@ def saved_num_train_steps(workdir: str) -> int | None:
 
 class MetricWriter:
     """Appends `{"step": s, name: value, ...}` lines to metrics.jsonl and TensorBoard events;
-    a no-op on every process but the chief."""
+    a no-op on every process but the chief.
+
+    Object stores cannot append: there metrics.jsonl is read and uploaded whole (atomically)
+    with the new line at every `write`, and TensorBoard's event file is held and uploaded whole
+    at every flush (`_ObjectFile`).
+    """
 
     def __init__(self, workdir: str) -> None:
         self._enabled = is_chief()
         if self._enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
-            self._tensorboard = SummaryWriter(logdir=workdir)
+            makedirs(workdir)
+            path = join(workdir, METRICS_FILE)
+            self._jsonl: IO[str] | _ObjectFile
+            suffix = ""
+            if is_local(workdir):
+                self._jsonl = open(path, "a")
+            else:
+                self._jsonl = _ObjectFile(path, shared=True)
+                _register_tensorboard_backend(workdir)
+                # Event files are named after the second and the host, and each is uploaded
+                # whole: a writer started within the same second must not replace another's.
+                suffix = f".{uuid.uuid4().hex[:8]}"
+            self._tensorboard = SummaryWriter(logdir=str(workdir), filename_suffix=suffix)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self._enabled:
@@ -281,6 +441,55 @@ class MetricWriter:
         if self._enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+class _ObjectFile:
+    """Appending to an object on a store that cannot append: `write` holds the bytes, `flush`
+    and `close` upload the object whole (`atomic_write_bytes`).
+
+    shared=False: this writer owns the object (an event file of its own name) and uploads what
+    it holds. shared=True (metrics.jsonl, which an eval may log to while training runs): each
+    flush reads the object again and uploads it with the new bytes added, so another writer's
+    lines are kept unless two flushes interleave within one round trip.
+    """
+
+    def __init__(self, path: str, *, shared: bool = False) -> None:
+        self.path = path
+        self._shared = shared
+        self._data = bytearray()  # shared: the bytes not uploaded yet; else all of them
+        self._uploaded = -1
+
+    def write(self, data: str | bytes) -> None:
+        self._data += data.encode("utf-8") if isinstance(data, str) else data
+
+    def flush(self) -> None:
+        if self._shared:
+            if self._data:
+                current = epath.Path(self.path).read_bytes() if exists(self.path) else b""
+                atomic_write_bytes(self.path, current + bytes(self._data))
+                self._data.clear()
+        elif self._uploaded != len(self._data):
+            atomic_write_bytes(self.path, bytes(self._data))
+            self._uploaded = len(self._data)
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectFileFactory:
+    """tensorboardX's writer factory for one URL scheme: event files as `_ObjectFile`s, so
+    TensorBoard's events reach the store through epath like every other file."""
+
+    def open(self, path: str) -> _ObjectFile:
+        return _ObjectFile(path)
+
+    def directory_check(self, path: str) -> None:
+        makedirs(path)
+
+
+def _register_tensorboard_backend(url: str) -> None:
+    """Send tensorboardX's event files for `url`'s scheme (gs, s3, ...) through epath."""
+    record_writer.register_writer_factory(url.split("://")[0], _ObjectFileFactory())
 
 
 def _parse_record(line: bytes) -> dict[str, Any] | None:
@@ -303,10 +512,10 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
     Raises FileNotFoundError when the file does not exist.
     """
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = join(workdir, METRICS_FILE)
+    if not exists(path):
         raise FileNotFoundError(f"{path} does not exist; pass the workdir of a training run")
-    with open(path, "rb") as f:
+    with open_file(path, "rb") as f:
         lines = [line for line in f if line.strip()]
     records = [r for r in map(_parse_record, lines) if r is not None]
     if len(records) < len(lines):
@@ -354,8 +563,8 @@ def truncate_metrics(workdir: str, step: int) -> None:
     """Keep the records up to `step` (the restored checkpoint's), so the steps a killed run
     logged after its last checkpoint, and will log again, appear once; damaged lines go too.
     Chief only."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not is_chief() or not os.path.exists(path):
+    path = join(workdir, METRICS_FILE)
+    if not is_chief() or not exists(path):
         return
     kept = [r for r in read_metrics(workdir) if r["step"] <= step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -371,15 +580,15 @@ def read_eval_results(workdir: str) -> list[dict[str, Any]]:
     Each is `{"name": str, "step": int, "metrics": {"fd": float, ...}, ...}`; a file without
     "name" is named after its file. Files that are not eval records are skipped.
     """
-    directory = os.path.join(workdir, "eval")
-    if not os.path.isdir(directory):
+    directory = join(workdir, "eval")
+    if not isdir(directory):
         return []
     results = []
-    for file_name in sorted(os.listdir(directory)):
+    for file_name in sorted(listdir(directory)):
         if not file_name.endswith(".json"):
             continue
         try:
-            with open(os.path.join(directory, file_name)) as f:
+            with open_file(join(directory, file_name)) as f:
                 record = json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue  # being written, or not an eval result

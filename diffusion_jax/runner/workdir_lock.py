@@ -11,6 +11,13 @@ a process that is gone: it is taken over with a warning. On a filesystem without
 the record decides: a holder on this host whose pid is not running is stale; one on another host
 is trusted. The holder removes the file when it is done.
 
+On an object store (a gs:// workdir) there is no flock, and no way to tell from one host
+whether a process on another still runs: the lock is then an advisory object holding the same
+record. A holder on this host whose pid runs refuses the second run; any other holder is taken
+over with a warning, and every run there warns once that keeping one job per workdir is the
+scheduler's job (docs/storage.md). Preempted jobs come back on other hosts, so trusting
+another host's record, as on a local filesystem without flock, would lock a workdir forever.
+
 Multi-process runs: only the chief (process 0) takes the lock; the others learn whether it got
 it (a collective), so they stop too instead of waiting for the chief forever.
 """
@@ -28,6 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
+from etils import epath
 
 from diffusion_jax import parallel
 from diffusion_jax.errors import WorkdirLockedError
@@ -51,10 +59,22 @@ def _read_holder(fd: int) -> dict[str, Any]:
     """The record in the lock file ({} when empty or unreadable)."""
     try:
         os.lseek(fd, 0, os.SEEK_SET)
-        record = json.loads(os.read(fd, 65536).decode("utf-8") or "{}")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return _parse_holder(os.read(fd, 65536))
+    except OSError:
+        return {}
+
+
+def _parse_holder(data: bytes) -> dict[str, Any]:
+    try:
+        record = json.loads(data.decode("utf-8") or "{}")
+    except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def _holder_record() -> bytes:
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    return (json.dumps(record) + "\n").encode()
 
 
 def _pid_running(pid: Any) -> bool:
@@ -78,8 +98,12 @@ class WorkdirLock:
         self._what = what
         self._fix = fix
         self._fd: int | None = None
+        self._object = False
 
     def acquire(self) -> None:
+        if not workdir_lib.is_local(self.path):
+            self._acquire_object()
+            return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -107,11 +131,33 @@ class WorkdirLock:
                 self.path,
                 _describe(previous),
             )
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        os.pwrite(fd, _holder_record(), 0)
         os.fsync(fd)
         self._fd = fd
+
+    def _acquire_object(self) -> None:
+        """The advisory lock of an object store (see the module docstring)."""
+        path = epath.Path(self.path)
+        previous = _parse_holder(path.read_bytes()) if path.exists() else {}
+        if previous and previous.get("host") == socket.gethostname() and not self._stale(previous):
+            raise self._locked_error(previous)
+        logging.warning(
+            "%s is on an object store, which has no file locks: %s only records its holder, "
+            "and a run on another host is not kept out. Run one job per workdir (the "
+            "scheduler's job).",
+            workdir_lib.dirname(self.path),
+            self.path,
+        )
+        if previous:
+            logging.warning(
+                "Taking over %s from %s: on an object store it cannot be told whether that "
+                "run still writes here; if it does, stop one of the two.",
+                self.path,
+                _describe(previous),
+            )
+        workdir_lib.atomic_write_bytes(self.path, _holder_record())
+        self._object = True
 
     def _flock(self, fd: int) -> bool:
         """Take the flock without waiting: True when taken, False when the filesystem has no
@@ -136,12 +182,16 @@ class WorkdirLock:
     def _locked_error(self, holder: dict[str, Any]) -> WorkdirLockedError:
         who = _describe(holder) if holder else "a process that has not written its pid yet"
         return WorkdirLockedError(
-            f"{os.path.dirname(self.path) or '.'} is in use by another {self._what} ({who}; "
+            f"{workdir_lib.dirname(self.path) or '.'} is in use by another {self._what} ({who}; "
             f"lock {self.path}); {self._fix}"
         )
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (idempotent)."""
+        if self._object:
+            self._object = False
+            workdir_lib.remove_file(self.path)
+            return
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
