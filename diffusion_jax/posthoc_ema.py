@@ -96,7 +96,10 @@ def update(
 
 
 def profile_inner_products(
-    steps_a: np.ndarray, gammas_a: np.ndarray, steps_b: np.ndarray, gammas_b: np.ndarray
+    steps_a: Sequence[float] | np.ndarray,
+    gammas_a: Sequence[float] | np.ndarray,
+    steps_b: Sequence[float] | np.ndarray,
+    gammas_b: Sequence[float] | np.ndarray,
 ) -> np.ndarray:
     """float64 (len(a), len(b)): the L2 inner products of the profiles of EMAs (t_i, gamma_i)
     and (t_j, gamma_j) on [0, inf):
@@ -122,8 +125,8 @@ def profile_inner_products(
 
 
 def reconstruction_coefficients(
-    snapshot_steps: Sequence[int],
-    snapshot_gammas: Sequence[float],
+    snapshot_steps: Sequence[float] | np.ndarray,
+    snapshot_gammas: Sequence[float] | np.ndarray,
     target_step: int,
     target_gamma: float,
 ) -> np.ndarray:
@@ -143,8 +146,8 @@ def reconstruction_coefficients(
 
 
 def reconstruction_error(
-    snapshot_steps: Sequence[int],
-    snapshot_gammas: Sequence[float],
+    snapshot_steps: Sequence[float] | np.ndarray,
+    snapshot_gammas: Sequence[float] | np.ndarray,
     coefficients: np.ndarray,
     target_step: int,
     target_gamma: float,

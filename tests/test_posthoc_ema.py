@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpointing, posthoc_ema, train_state
+from diffusion_jax import analysis, checkpointing, posthoc_ema, train_state
 from diffusion_jax.errors import ConfigError, NoCheckpointError
 from diffusion_jax.runner import ema_snapshots, posthoc, validation
 from diffusion_jax.runner import sample as sample_mode
@@ -302,6 +302,10 @@ def test_posthoc_mode_then_sample_with_the_reconstructed_params(posthoc_runs, tm
     sample_config.sampling.params = "ema"
     regular = np.load(sample_mode.sample(sample_config, workdir))["images"]
     assert not np.array_equal(images, regular)  # other parameters, other samples
+
+    run = analysis.load_run(workdir, params="posthoc_ema:0.08")  # the notebook API
+    with np.load(path) as stored:
+        np.testing.assert_array_equal(stored["conv_in/kernel"], run.params["conv_in"]["kernel"])
 
     sample_config.sampling.params = "posthoc_ema:0.09"
     with pytest.raises(NoCheckpointError, match=r"--config\.posthoc_ema\.sigma_rel=0\.09"):
