@@ -19,7 +19,8 @@ from diffusion_jax.runner import ema_snapshots, posthoc, validation
 from diffusion_jax.runner import sample as sample_mode
 from diffusion_jax.runner import train as train_mode
 from diffusion_jax.runner.setup import ModelSetup
-from tests.conftest import make_tiny_config
+from tests.conftest import TINY_OVERRIDES, make_tiny_config
+from tests.test_cli import _run_cli, _summary
 
 
 def _leaves(tree):
@@ -348,3 +349,22 @@ def test_turning_posthoc_ema_on_when_resuming_a_run_without_it_is_refused(shared
     config.training.posthoc_ema_every = 2
     with pytest.raises(ConfigError, match="posthoc_ema_every"):
         train_mode.train(config, shared_tiny_run.workdir)  # refused before writing anything
+
+
+@pytest.mark.slow
+def test_posthoc_ema_command_writes_the_reconstruction_and_refuses_bad_input_in_one_line(
+    posthoc_runs, digits_data_dir, tmp_path
+):
+    _, straight_dir, _, _, _ = posthoc_runs
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight_dir, workdir)
+    common = [f"--workdir={workdir}", f"--config.data.data_dir={digits_data_dir}", *TINY_OVERRIDES]
+    result = _run_cli(*common, "--mode=posthoc_ema", "--config.posthoc_ema.sigma_rel=0.12")
+    assert _summary(result).endswith(f"Wrote {workdir}/posthoc_ema/sigma_rel0.12.npz")
+
+    bad = _run_cli(*common, "--mode=posthoc_ema", "--config.posthoc_ema.sigma_rel=0.4")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: posthoc_ema.sigma_rel: sigma_rel=0.4; use a value in (0, 0.2887] "
+        "(EDM2 uses 0.05-0.2)"
+    )
