@@ -324,21 +324,25 @@ def test_posthoc_mode_refuses_a_workdir_without_enough_snapshots(tiny_config, tm
 
 
 @pytest.mark.parametrize(
-    "key, value, message",
+    "overrides, message",
     [
-        ("posthoc_ema.sigma_rel", 0.5, r"posthoc_ema\.sigma_rel: sigma_rel=0\.5"),
-        ("training.posthoc_ema_every", -1, "posthoc_ema_every=-1"),
-        ("training.posthoc_ema_sigma_rels", (0.05, 0.0), "posthoc_ema_sigma_rels"),
-        ("sampling.params", "posthoc:0.1", "posthoc_ema:<sigma_rel>"),
+        ({"posthoc_ema.sigma_rel": 0.5}, r"posthoc_ema\.sigma_rel: sigma_rel=0\.5; use a value in"),
+        ({"training.posthoc_ema_every": -1}, r"posthoc_ema_every=-1; use an integer >= 0"),
+        (
+            {"training.posthoc_ema_every": 10, "training.posthoc_ema_sigma_rels": (0.05, 0.0)},
+            r"posthoc_ema_sigma_rels: sigma_rel=0\.0; use a value in",
+        ),
+        (
+            {"training.posthoc_ema_every": 10, "training.posthoc_ema_sigma_rels": ()},
+            r"posthoc_ema_sigma_rels is empty",
+        ),
+        ({"sampling.params": "posthoc:0.1"}, r"use 'ema' .* or 'posthoc_ema:<sigma_rel>'"),
     ],
 )
-def test_bad_posthoc_values_are_refused_naming_the_fix(tiny_config, key, value, message):
-    section, leaf = key.split(".")
-    tiny_config[section][leaf] = value
-    if key.startswith("training."):
-        tiny_config.training.posthoc_ema_every = max(tiny_config.training.posthoc_ema_every, 1)
-        if value == -1:
-            tiny_config.training.posthoc_ema_every = -1
+def test_bad_posthoc_values_are_refused_naming_the_fix(tiny_config, overrides, message):
+    for key, value in overrides.items():
+        section, leaf = key.split(".")
+        tiny_config[section][leaf] = value
     validators = (*validation.TRAINING_VALIDATORS, validation.check_posthoc_ema)
     with pytest.raises(ConfigError, match=message):
         validation.validate(tiny_config, 1, validators)
