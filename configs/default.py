@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
     training.num_grid_samples = 64
     # Steps with a non-finite loss or gradient are skipped; this many in a row stop the run.
     training.max_consecutive_nonfinite = 10
+    # Post-hoc EMA (Karras et al. 2024; docs/posthoc_ema.md): every this many steps, write
+    # snapshots of power-function EMAs of these relative lengths (0 = off: none tracked).
+    training.posthoc_ema_every = 0
+    training.posthoc_ema_sigma_rels = (0.05, 0.10)
     # Test hooks (leave at their defaults): steps (1-based, as logged) whose batch images are
     # replaced by NaN, and seconds to pause right after each checkpoint save starts.
     training.debug_nan_steps = ()
@@ -92,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.guidance_scale = 1.0  # classifier-free guidance (class-conditional models)
     sampling.label = -1  # class to sample with guidance; -1 = cycle through all classes
     sampling.name = ""  # '' = derived from sampler, steps and seed
+    # The parameters sampled: 'ema' (the run's EMA) or 'posthoc_ema:<sigma_rel>' (written by
+    # --mode=posthoc_ema; docs/posthoc_ema.md).
+    sampling.params = "ema"
 
     # --mode=eval: sample eval.num_samples images with config.sampling.* and score them.
     config.eval = ev = ml_collections.ConfigDict()
@@ -108,6 +115,10 @@ def get_config() -> ml_collections.ConfigDict:
     ev.bpd_num_images = 0  # > 0: bits/dim of that many eval_split images (0 = skip)
     ev.bpd_batch_size = 100
     ev.name = ""  # '' = derived from sampler, steps, guidance and seed
+
+    # --mode=posthoc_ema: reconstruct the EMA of this relative length from the snapshots.
+    config.posthoc_ema = posthoc = ml_collections.ConfigDict()
+    posthoc.sigma_rel = 0.1
 
     # Image editing (--mode=sdedit | inpaint) and process pictures (--mode=visualize).
     config.edit = edit = ml_collections.ConfigDict()

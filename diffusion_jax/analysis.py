@@ -47,14 +47,16 @@ def load_run(
     step: int | None = None,
     *,
     config: ml_collections.ConfigDict | None = None,
+    params: str = "ema",
 ) -> Run:
     """The run in `workdir` at checkpoint `step` (default: the latest readable one).
 
-    See `diffusion_jax.runner.loading.load_run`; `run.config`, `run.step`, `run.params` (EMA) and
-    `run.schedule` describe it.
+    See `diffusion_jax.runner.loading.load_run`; `run.config`, `run.step`, `run.params` (EMA, or
+    with params='posthoc_ema:<sigma_rel>' a post-hoc EMA reconstruction) and `run.schedule`
+    describe it.
     """
     with _without_read_only_notices():
-        return _load_run(os.fspath(workdir), step=step, config=config)
+        return _load_run(os.fspath(workdir), step=step, config=config, params=params)
 
 
 class _ReadOnlyNotices(logging.Filter):

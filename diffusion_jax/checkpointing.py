@@ -20,6 +20,7 @@ a save that would not fit in the free disk space is refused before anything is w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -176,14 +177,46 @@ class Checkpointer:
         if step is None:
             raise NoCheckpointError(f"no checkpoint in {self._manager.directory}")
         record = read_metadata(self._workdir, step)  # first: a garbled record stops here
-        items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}
+        absent = self._absent_empty_fields(abstract_state, step)
+        target = abstract_state
+        if absent:  # saved before those fields existed: restore the others, keep them empty
+            target = {
+                f.name: getattr(abstract_state, f.name)
+                for f in dataclasses.fields(abstract_state)
+                if f.name not in absent
+            }
+        items: dict[str, Any] = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         state = restored["state"]
+        if absent:
+            state = type(abstract_state)(
+                **state, **{name: getattr(abstract_state, name) for name in absent}
+            )
         if record is not None and isinstance(record.get(_DIGESTS_KEY), dict):
             _verify_digests(state, record[_DIGESTS_KEY], step, checkpoint_dir(self._workdir))
         return state
+
+    def _absent_empty_fields(self, abstract_state: PyTree, step: int) -> list[str]:
+        """The fields of a dataclass state that hold no arrays (say, `posthoc_emas` with
+        post-hoc EMA off) and that checkpoint `step` does not have (saved before they existed).
+        An unreadable tree description gives [] (the restore itself then reports the damage)."""
+        if not dataclasses.is_dataclass(abstract_state):
+            return []
+        empty = [
+            f.name
+            for f in dataclasses.fields(abstract_state)
+            if not jax.tree.leaves(getattr(abstract_state, f.name))
+        ]
+        if not empty:
+            return []
+        path = os.path.join(checkpoint_dir(self._workdir), str(step), "state")
+        try:
+            saved = set(ocp.StandardCheckpointer().metadata(path).item_metadata.keys())
+        except Exception:  # any failure to read it: leave the judgement to the restore
+            return []
+        return [name for name in empty if name not in saved]
 
     def restore_latest_readable(
         self, abstract_state: PyTree, data_iterator: Any | None = None

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax import diffusion, schedules
+from diffusion_jax import diffusion, posthoc_ema, schedules
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import UNet
 
@@ -46,7 +46,10 @@ EMA_WARMUPS = ("ramp", "debias", "none")
 @flax.struct.dataclass
 class TrainState:
     """step: int32 (); rng: uint32 (2,) base key; params/opt_state/ema_params: pytrees;
-    nonfinite_steps, consecutive_nonfinite: int32 () counts of skipped (non-finite) steps."""
+    nonfinite_steps, consecutive_nonfinite: int32 () counts of skipped (non-finite) steps;
+    posthoc_emas: one power-function EMA of the params per tracked gamma (`posthoc_ema`), empty
+    when post-hoc EMA is off (so the state, and its checkpoints, are those of runs saved before
+    it existed)."""
 
     step: jax.Array
     params: PyTree
@@ -55,6 +58,7 @@ class TrainState:
     rng: jax.Array
     nonfinite_steps: jax.Array
     consecutive_nonfinite: jax.Array
+    posthoc_emas: tuple[PyTree, ...] = ()
 
 
 def create_model(model_config: Any, num_classes: int | None) -> UNet:
@@ -103,9 +107,11 @@ def init_train_state(
     optimizer: optax.GradientTransformation,
     rng: jax.Array,
     image_shape: tuple[int, int, int],
+    num_posthoc_emas: int = 0,
 ) -> TrainState:
     """Fresh state; the EMA starts as a copy of the initial parameters (never at zero; with an
-    EMA warm-up the first update replaces it, `ema_decay_at`)."""
+    EMA warm-up the first update replaces it, `ema_decay_at`), and so do the `num_posthoc_emas`
+    power-function EMAs (their first update replaces them)."""
     init_rng, state_rng = jax.random.split(rng)
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
@@ -119,6 +125,7 @@ def init_train_state(
         rng=state_rng,
         nonfinite_steps=jnp.zeros((), jnp.int32),
         consecutive_nonfinite=jnp.zeros((), jnp.int32),
+        posthoc_emas=(params,) * num_posthoc_emas,
     )
 
 
@@ -149,11 +156,15 @@ def make_train_step(
     diffusion_config: Any,
     ema_decay: float,
     ema_warmup: str = "none",
+    posthoc_gammas: tuple[float, ...] = (),
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """A pure `train_step(state, batch) -> (state, metrics)` to be jitted by the caller.
 
     The EMA update of the step starting at `state.step` uses `ema_decay_at(state.step,
-    ema_decay, ema_warmup)`.
+    ema_decay, ema_warmup)`. With `posthoc_gammas` (one per `state.posthoc_emas`), the
+    power-function EMAs are updated too (`posthoc_ema.update`), also on a skipped step: with the
+    unchanged parameters, so they stay the exact power-function averages of the parameter
+    sequence.
 
     batch: {'image': float32 (B, H, W, C) in [-1, 1], 'label': int32 (B,)}. The loss is the mean
     over the global batch, so the same batch on 1 or N devices gives the same update.
@@ -203,14 +214,22 @@ def make_train_step(
 
         bad = (~finite).astype(jnp.int32)
         consecutive = jnp.where(finite, 0, state.consecutive_nonfinite + 1)
+        kept_params = keep_if_bad(params, state.params)
+        if len(posthoc_gammas) != len(state.posthoc_emas):
+            raise ValueError(
+                f"{len(posthoc_gammas)} posthoc_gammas for {len(state.posthoc_emas)} tracked EMAs"
+            )
         new_state = dataclasses.replace(
             state,
             step=state.step + 1,
-            params=keep_if_bad(params, state.params),
+            params=kept_params,
             opt_state=keep_if_bad(opt_state, state.opt_state),
             ema_params=keep_if_bad(ema_params, state.ema_params),
             nonfinite_steps=state.nonfinite_steps + bad,
             consecutive_nonfinite=consecutive.astype(jnp.int32),
+            posthoc_emas=posthoc_ema.update(
+                state.posthoc_emas, kept_params, state.step, posthoc_gammas
+            ),
         )
         metrics = {
             "loss": loss,

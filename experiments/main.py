@@ -14,7 +14,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import parallel
 from diffusion_jax.errors import UserError
-from diffusion_jax.runner import cli, edit, evaluate, sample, train, visualize
+from diffusion_jax.runner import cli, edit, evaluate, posthoc, sample, train, visualize
 
 # mode -> (run(config, workdir, allow_config_change=...), one-line summary of its result)
 MODES: dict[str, tuple[Callable, Callable]] = {
@@ -24,6 +24,7 @@ MODES: dict[str, tuple[Callable, Callable]] = {
     "sdedit": (edit.sdedit_mode, lambda paths: "Wrote " + ", ".join(paths)),
     "inpaint": (edit.inpaint_mode, lambda paths: "Wrote " + ", ".join(paths)),
     "visualize": (visualize.visualize_mode, lambda paths: "Wrote " + ", ".join(paths)),
+    "posthoc_ema": (posthoc.posthoc_ema_mode, lambda path: f"Wrote {path}"),
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")

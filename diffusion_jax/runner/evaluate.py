@@ -45,7 +45,7 @@ from diffusion_jax.errors import ConfigError, MissingEvalInputError
 from diffusion_jax.evaluation import metrics as metrics_lib
 from diffusion_jax.evaluation import reference
 from diffusion_jax.evaluation.features import FeatureNetwork
-from diffusion_jax.runner import generate, validation, workdir_lock
+from diffusion_jax.runner import ema_snapshots, generate, validation, workdir_lock
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
@@ -79,6 +79,8 @@ def eval_name(config: ml_collections.ConfigDict) -> str:
         parts.append(f"temp{s.temperature:g}")
     if not s.clip_x0:
         parts.append("noclip")
+    if (sigma_rel := ema_snapshots.parse_params(s.get("params", "ema"))) is not None:
+        parts.append(f"phema{sigma_rel:g}")
     parts += [f"seed{s.seed}", f"n{config.eval.num_samples}"]
     return "_".join(parts)
 
@@ -209,6 +211,7 @@ def evaluate(
     validation.validate(config, jax.device_count(), VALIDATORS)
     checkpointing.require_checkpoint(workdir)
     validation.check_saved_config(config, workdir, allow_config_change)
+    ema_snapshots.require_params(workdir, config.sampling.get("params", "ema"))
     name = eval_name(config)
     workdir_lib.contained_path(workdir, "eval", name + ".json")  # before any work, not after
     workdir_lib.contained_path(workdir, "eval", name)
@@ -222,19 +225,17 @@ def evaluate(
     if "fd" in config.eval.metrics:  # a damaged or mismatched stats file stops us before sampling
         reference.load_reference_stats(reference_stats_path(config), expected_network=network)
     state = setup.restore(workdir)
-    step = int(state.step)
+    params, step = setup.sampling_params(state, workdir)
 
     started = time.perf_counter()
-    images, generated = _generate_shards(
-        config, setup, state.ema_params, workdir, name, step, after_shard
-    )
+    images, generated = _generate_shards(config, setup, params, workdir, name, step, after_shard)
     elapsed = time.perf_counter() - started
     per_1000 = 1000.0 * elapsed / generated if generated else None
     logging.info("Eval %s: %d samples ready (%d generated now)", name, len(images), generated)
 
     scores = _score_samples(config, network, images)
     if config.eval.bpd_num_images > 0:
-        scores["bits_per_dim"] = _bits_per_dim(config, setup, state.ema_params)
+        scores["bits_per_dim"] = _bits_per_dim(config, setup, params)
     result_path = workdir_lib.contained_path(workdir, "eval", name + ".json")
     if per_1000 is None:  # every shard was on disk: keep the time measured when they were made
         per_1000 = _previous_timing(result_path, step)

@@ -21,6 +21,7 @@ from diffusion_jax import diffusion, images, parallel, samplers, schedules
 from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.errors import NonFiniteError
 from diffusion_jax.models.unet import UNet
+from diffusion_jax.runner import ema_snapshots
 from diffusion_jax.runner import workdir as workdir_lib
 
 PyTree = Any
@@ -37,6 +38,8 @@ def sample_name(config: ml_collections.ConfigDict) -> str:
     parts = [samplers.SamplerSpec.from_config(config).name()]
     if config.sampling.label >= 0:
         parts.append(f"label{config.sampling.label}")
+    if (sigma_rel := ema_snapshots.parse_params(config.sampling.get("params", "ema"))) is not None:
+        parts.append(f"phema{sigma_rel:g}")
     return "_".join([*parts, f"seed{config.sampling.seed}"])
 
 

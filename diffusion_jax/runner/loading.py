@@ -19,6 +19,7 @@ import numpy as np
 
 from diffusion_jax import checkpointing, diffusion, samplers, schedules, train_state
 from diffusion_jax.data_gaussian import DataGaussian
+from diffusion_jax.runner import ema_snapshots
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
@@ -33,6 +34,8 @@ class Run:
     config: ml_collections.ConfigDict
     setup: ModelSetup
     state: train_state.TrainState
+    # A post-hoc EMA reconstruction to sample instead of the EMA (`load_run(params=...)`).
+    sampling_params: PyTree | None = None
     # Run.sample's jitted samplers, one per (spec, shape, non-array inputs): a notebook cell
     # that samples again with the same options reuses the compiled program.
     _samplers: dict[Any, Any] = dataclasses.field(
@@ -45,7 +48,10 @@ class Run:
 
     @property
     def params(self) -> PyTree:
-        """The EMA parameters (what every sampling mode uses)."""
+        """The parameters every sampling method uses: the EMA, or the post-hoc EMA
+        reconstruction `load_run(params='posthoc_ema:<sigma_rel>')` loaded."""
+        if self.sampling_params is not None:
+            return self.sampling_params
         return self.state.ema_params
 
     @property
@@ -139,12 +145,26 @@ def load_run(
     *,
     step: int | None = None,
     config: ml_collections.ConfigDict | None = None,
+    params: str = "ema",
 ) -> Run:
     """Load `workdir`'s run: its saved config (or `config`) and the checkpoint at `step`
     (default: the latest readable one). The dataset must be prepared (for its shape and
-    classes): `errors.DatasetNotPreparedError` names the command otherwise."""
+    classes): `errors.DatasetNotPreparedError` names the command otherwise.
+
+    params: 'ema', or 'posthoc_ema:<sigma_rel>' to sample a reconstruction written by
+    `--mode=posthoc_ema` (as `sampling.params`; docs/posthoc_ema.md).
+    """
     checkpointing.require_checkpoint(workdir)
+    ema_snapshots.require_params(workdir, params)
     if config is None:
         config = workdir_lib.read_config(workdir)
     setup = ModelSetup(config)
-    return Run(workdir=workdir, config=config, setup=setup, state=setup.restore(workdir, step))
+    state = setup.restore(workdir, step)
+    sampling_params = None
+    if (sigma_rel := ema_snapshots.parse_params(params)) is not None:
+        sampling_params, _ = ema_snapshots.read_params(
+            workdir, sigma_rel, setup.abstract_state.ema_params
+        )
+    return Run(
+        workdir=workdir, config=config, setup=setup, state=state, sampling_params=sampling_params
+    )

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import checkpointing
-from diffusion_jax.runner import generate, validation
+from diffusion_jax.runner import ema_snapshots, generate, validation
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
@@ -28,7 +28,8 @@ VALIDATORS = (*validation.MODEL_VALIDATORS, validation.check_sampling)
 def sample(
     config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> str:
-    """Write `<workdir>/samples/<name>.npz` and `.png` from the latest checkpoint's EMA params.
+    """Write `<workdir>/samples/<name>.npz` and `.png` from the latest checkpoint's EMA params
+    (or the post-hoc EMA that `sampling.params` names).
 
     Refuses (`ConfigError`) a config whose model, data or diffusion keys differ from the run's
     saved `config.json` (sampling a v-prediction model as eps would give wrong images silently)
@@ -39,17 +40,19 @@ def sample(
     name = generate.sample_name(config)
     checkpointing.require_checkpoint(workdir)
     validation.check_saved_config(config, workdir, allow_config_change)
+    ema_snapshots.require_params(workdir, config.sampling.get("params", "ema"))
     stem = workdir_lib.contained_path(workdir, "samples", name)
     for suffix in (".npz", ".png", ".json"):
         workdir_lib.contained_path(workdir, "samples", name + suffix)
     validation.check_workdir_writable(workdir, "samples")
     setup = ModelSetup(config)
     state = setup.restore(workdir)
+    params, step = setup.sampling_params(state, workdir)
     labels_fn = setup.labels_fn()
     batch_size = generate.device_batch_size(scfg.batch_size, setup.mesh.size, scfg.num_samples)
     batches = generate.generate_batches(
         setup.sample_fn(batch_size, workdir=workdir),
-        state.ema_params,
+        params,
         seed=scfg.seed,
         num_samples=scfg.num_samples,
         batch_size=batch_size,
@@ -70,6 +73,6 @@ def sample(
             arrays["labels"] = labels_fn(np.arange(len(samples)))
         workdir_lib.atomic_savez(stem + ".npz", **arrays)
         workdir_lib.write_grid(stem + ".png", samples[: min(len(samples), 100)])
-        record = {"step": int(state.step), "sampling": scfg.to_dict()}
+        record = {"step": step, "sampling": scfg.to_dict()}
         workdir_lib.atomic_write_json(stem + ".json", record)
     return stem + ".npz"

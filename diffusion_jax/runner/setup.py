@@ -5,6 +5,7 @@ of a checkpoint into it. Every mode that builds the model starts here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, cast
 
@@ -13,12 +14,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax import checkpointing, parallel, samplers, schedules, train_state
+from diffusion_jax import checkpointing, parallel, posthoc_ema, samplers, schedules, train_state
 from diffusion_jax.data import pipeline
 from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.errors import ConfigError, DatasetNotPreparedError, NoCheckpointError
 from diffusion_jax.models.unet import UNet
-from diffusion_jax.runner import generate
+from diffusion_jax.runner import ema_snapshots, generate, validation
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.validation import validate_against_dataset
 
@@ -47,10 +48,25 @@ class ModelSetup:
         self.model: UNet = train_state.create_model(config.model, self.info.num_classes)
         self.schedule = schedules.from_config(config.diffusion)
         self.optimizer = train_state.create_optimizer(config.training)
+        # The tracked post-hoc EMAs (training.posthoc_ema_every > 0; .get: configs saved before
+        # the keys existed track none).
+        tcfg = config.training
+        self.posthoc_sigma_rels: tuple[float, ...] = (
+            tuple(float(s) for s in tcfg.get("posthoc_ema_sigma_rels", ()))
+            if tcfg.get("posthoc_ema_every", 0) > 0
+            else ()
+        )
+        self.posthoc_gammas = tuple(
+            posthoc_ema.sigma_rel_to_gamma(s) for s in self.posthoc_sigma_rels
+        )
         self.replicated = parallel.replicated_sharding(self.mesh)
         self.init_state = jax.jit(
             lambda rng: train_state.init_train_state(
-                self.model, self.optimizer, rng, image_shape=self.image_shape
+                self.model,
+                self.optimizer,
+                rng,
+                image_shape=self.image_shape,
+                num_posthoc_emas=len(self.posthoc_gammas),
             ),
             out_shardings=self.replicated,
         )
@@ -68,21 +84,47 @@ class ModelSetup:
         # Read-only: a manager that may write would delete the tmp dir of a save in flight
         # when reading from a workdir that is still training.
         checkpointer = checkpointing.Checkpointer(workdir, async_save=False, read_only=True)
+        abstract = self._abstract_state_of(workdir)
         try:
             if step is None:
-                state = checkpointer.restore_latest_readable(self.abstract_state)
+                state = checkpointer.restore_latest_readable(abstract)
             else:
                 if step not in checkpointing.finished_steps(workdir):
                     raise NoCheckpointError(
                         f"{workdir} has no checkpoint at step {step}; it has "
                         f"{checkpointing.finished_steps(workdir)}"
                     )
-                state = checkpointer.restore(self.abstract_state, step=step)
+                state = checkpointer.restore(abstract, step=step)
         finally:
             checkpointer.close()
         if state is None:  # the checkpoints vanished since require_checkpoint
             raise NoCheckpointError(f"no checkpoint left in {workdir}")
         return cast(train_state.TrainState, state)
+
+    def _abstract_state_of(self, workdir: str) -> train_state.TrainState:
+        """`abstract_state` with as many post-hoc EMAs as the run in `workdir` tracks (its saved
+        config says), whatever this config's training keys say: sampling modes restore a run
+        without repeating its training flags."""
+        saved = workdir_lib.checkpoint_config(workdir) or workdir_lib.read_config_json(workdir)
+        if saved is None:
+            return self.abstract_state
+        num = 0
+        if validation.saved_posthoc_every(saved) > 0:
+            num = len(saved["training"].get("posthoc_ema_sigma_rels", ()))
+        if num == len(self.abstract_state.posthoc_emas):
+            return self.abstract_state
+        return dataclasses.replace(
+            self.abstract_state, posthoc_emas=(self.abstract_state.ema_params,) * num
+        )
+
+    def sampling_params(self, state: train_state.TrainState, workdir: str) -> tuple[PyTree, int]:
+        """(params, step) that `sampling.params` names: the state's EMA and step ('ema'), or a
+        post-hoc EMA reconstruction in `workdir` and the step it was reconstructed at."""
+        sigma_rel = ema_snapshots.parse_params(self.config.sampling.get("params", "ema"))
+        if sigma_rel is None:
+            return state.ema_params, int(state.step)
+        params, step = ema_snapshots.read_params(workdir, sigma_rel, self.abstract_state.ema_params)
+        return jax.device_put(params, self.replicated), step
 
     def model_fn(self, params: PyTree) -> Any:
         """`fn(x_t (B, H, W, C), t (B,), labels (B,) | None = None) -> output`, eval mode."""
@@ -113,6 +155,7 @@ class ModelSetup:
                 self.config.diffusion,
                 self.config.training.ema_decay,
                 self.config.training.ema_warmup,
+                self.posthoc_gammas,
             ),
             self.mesh,
         )

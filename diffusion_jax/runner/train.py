@@ -23,7 +23,7 @@ from absl import logging
 from diffusion_jax import checkpointing, parallel, train_state
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import NonFiniteError
-from diffusion_jax.runner import generate, validation, workdir_lock
+from diffusion_jax.runner import ema_snapshots, generate, validation, workdir_lock
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
@@ -82,7 +82,13 @@ def train(
         what="training run",
         fix="wait for it to finish or stop it (rerunning then resumes), or use another --workdir",
     ):
-        validation.check_saved_config(config, workdir, allow_config_change)
+        validation.check_saved_config(
+            config,
+            workdir,
+            allow_config_change,
+            keys=(*validation.RESUME_LOCKED_KEYS, *validation.TRAINING_LOCKED_KEYS),
+        )
+        validation.check_posthoc_resume(config, workdir)
         setup = ModelSetup(config)
         validation.check_splits(config, setup.info.num_examples, ["data.train_split"])
         checkpointer = checkpointing.Checkpointer(
@@ -138,6 +144,13 @@ def _train(
     # Only now: a config.json rewritten before a failed restore would misdescribe the run.
     workdir_lib.write_config(config, workdir)
     workdir_lib.truncate_metrics(workdir, step)
+    # Post-hoc EMA snapshots the interrupted run wrote after this checkpoint: this run writes
+    # its own (the same, when the config is unchanged), never a mixture.
+    if removed := ema_snapshots.remove_after(workdir, step):
+        logging.info(
+            "Removed the post-hoc EMA snapshots of steps %s (after step %d)", removed, step
+        )
+    snapshot_every = tcfg.get("posthoc_ema_every", 0)
 
     train_step = setup.train_step()
     writer = workdir_lib.MetricWriter(workdir)
@@ -205,11 +218,20 @@ def _train(
             logs = step % tcfg.log_every == 0 or last
             saves = step % tcfg.checkpoint_every == 0 or last
             samples = bool(tcfg.sample_every and step % tcfg.sample_every == 0) or last
+            snapshot = bool(snapshot_every) and (step % snapshot_every == 0 or last)
             if logs:
                 log(step, metrics)
-            if logs or saves or samples:  # waiting for this step anyway: check it before saving
+            if logs or saves or samples or snapshot:  # waiting anyway: check it before saving
                 check_nonfinite(*pending)
                 pending = None
+            if snapshot:  # before the checkpoint: one at this step never lacks its snapshot
+                ema_snapshots.write_snapshot(
+                    workdir,
+                    step,
+                    state.posthoc_emas,
+                    setup.posthoc_sigma_rels,
+                    setup.posthoc_gammas,
+                )
             if saves:
                 save()
             if samples:

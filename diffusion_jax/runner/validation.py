@@ -21,9 +21,10 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from diffusion_jax import diffusion, samplers, schedules, train_state
+from diffusion_jax import diffusion, posthoc_ema, samplers, schedules, train_state
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import validate_unet_config
+from diffusion_jax.runner import ema_snapshots
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.values import is_int, is_real
 
@@ -205,10 +206,36 @@ def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
         ]
     )
     _check_divides("training.batch_size", t.batch_size, num_devices)
+    every = t.get("posthoc_ema_every", 0)
+    if not is_int(every) or every < 0:
+        raise ConfigError(
+            f"training.posthoc_ema_every={every!r}; use an integer >= 0 (0 = no post-hoc EMA)"
+        )
+    if every:
+        sigma_rels = tuple(t.posthoc_ema_sigma_rels)
+        if not sigma_rels:
+            raise ConfigError(
+                "training.posthoc_ema_sigma_rels is empty; track at least one EMA, e.g. "
+                "(0.05, 0.10), or set training.posthoc_ema_every=0"
+            )
+        for sigma_rel in sigma_rels:
+            _reraise_as("training.posthoc_ema_sigma_rels", sigma_rel)
     if t.ema_warmup not in train_state.EMA_WARMUPS:
         raise ConfigError(
             f"training.ema_warmup={t.ema_warmup!r}; use one of {train_state.EMA_WARMUPS}"
         )
+
+
+def _reraise_as(key: str, sigma_rel: Any) -> None:
+    try:
+        posthoc_ema.sigma_rel_to_gamma(sigma_rel)
+    except (ConfigError, TypeError, ValueError) as error:
+        raise ConfigError(f"{key}: {error}") from None
+
+
+def check_posthoc_ema(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """`posthoc_ema.*` (--mode=posthoc_ema): the relative length to reconstruct."""
+    _reraise_as("posthoc_ema.sigma_rel", config.posthoc_ema.sigma_rel)
 
 
 def check_sampling(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -239,6 +266,7 @@ def check_sampling(config: ml_collections.ConfigDict, num_devices: int) -> None:
         )
     if s.get("name"):
         workdir_lib.output_name(s.name, "sampling.name")
+    ema_snapshots.parse_params(s.get("params", "ema"))
 
 
 # The sections every mode that builds the model checks.
@@ -283,6 +311,10 @@ RESUME_LOCKED_KEYS = (
     "diffusion.zero_terminal_snr",
     "diffusion.prediction",
 )
+# Keys that also fix the shapes of the saved state, but only training restores it whole: the
+# tracked post-hoc EMAs (the other modes restore them as the run saved them,
+# `setup.ModelSetup.restore`, and ignore them).
+TRAINING_LOCKED_KEYS = ("training.posthoc_ema_every", "training.posthoc_ema_sigma_rels")
 # How the same parameters are computed, not what they are: free to change on resume.
 RESUME_FREE_KEYS = ("model.remat",)
 
@@ -298,9 +330,12 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def locked_key_changes(
-    saved: Mapping[str, Any], config: ml_collections.ConfigDict
+    saved: Mapping[str, Any],
+    config: ml_collections.ConfigDict,
+    keys: tuple[str, ...] = RESUME_LOCKED_KEYS,
 ) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) for each `RESUME_LOCKED_KEYS` entry that differs.
+    """(key, saved value, new value) for each `keys` entry (default `RESUME_LOCKED_KEYS`)
+    that differs.
 
     saved: a run's `config.json` as loaded by `json`; `config` is compared in the same JSON form
     (tuples as lists), so an unchanged value never counts as a change.
@@ -311,7 +346,7 @@ def locked_key_changes(
     # Keys in only one of the two (added to the configs since the run was saved) are not
     # changes: refusing them would lock every existing workdir out after a new key is added.
     for key in sorted(set(old) & set(new)):
-        locked = any(key == k or key.startswith(k + ".") for k in RESUME_LOCKED_KEYS)
+        locked = any(key == k or key.startswith(k + ".") for k in keys)
         if locked and key not in RESUME_FREE_KEYS:
             if old[key] != new[key]:
                 changes.append((key, old[key], new[key]))
@@ -319,11 +354,15 @@ def locked_key_changes(
 
 
 def check_resume_compatible(
-    saved: Mapping[str, Any], config: ml_collections.ConfigDict, *, workdir: str
+    saved: Mapping[str, Any],
+    config: ml_collections.ConfigDict,
+    *,
+    workdir: str,
+    keys: tuple[str, ...] = RESUME_LOCKED_KEYS,
 ) -> None:
     """Raise `ConfigError` naming the keys (and the override flag) when `config` changes a
-    `RESUME_LOCKED_KEYS` value of the run saved in `workdir`."""
-    changes = locked_key_changes(saved, config)
+    `keys` value (default `RESUME_LOCKED_KEYS`) of the run saved in `workdir`."""
+    changes = locked_key_changes(saved, config, keys)
     if changes:
         diff = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
         raise ConfigError(
@@ -402,14 +441,19 @@ def _reraise(check: Callable[[], Any]) -> None:
 
 
 def check_saved_config(
-    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    allow_config_change: bool,
+    *,
+    keys: tuple[str, ...] = RESUME_LOCKED_KEYS,
 ) -> None:
     """Refuse (`ConfigError`) a config that changes a `RESUME_LOCKED_KEYS` value of the run
     saved in `workdir` (training it on, or sampling a v-prediction model as eps, would go
     wrong silently); with `allow_config_change`, warn about the changes instead. The run's
     config is the one saved inside its newest checkpoint, else (checkpoints written before
     that) `config.json`. A workdir without checkpoints has nothing to compare; an unreadable
-    config.json is warned about."""
+    config.json is warned about. Training passes `keys=(*RESUME_LOCKED_KEYS,
+    *TRAINING_LOCKED_KEYS)`."""
     if not workdir_lib.finished_steps(workdir):
         return
     saved = workdir_lib.checkpoint_config(workdir) or workdir_lib.read_config_json(workdir)
@@ -418,9 +462,29 @@ def check_saved_config(
             logging.warning("Cannot read %s/config.json; not comparing configs.", workdir)
         return
     if not allow_config_change:
-        check_resume_compatible(saved, config, workdir=workdir)
-    elif changes := locked_key_changes(saved, config):
+        check_resume_compatible(saved, config, workdir=workdir, keys=keys)
+    elif changes := locked_key_changes(saved, config, keys):
         logging.warning(
             "Using a changed config (--allow_config_change): %s",
             ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes),
+        )
+
+
+def saved_posthoc_every(saved: Mapping[str, Any]) -> int:
+    """`training.posthoc_ema_every` of a saved run config (JSON); 0 for runs saved before the
+    key existed, which track no post-hoc EMA."""
+    training = saved.get("training")
+    return int(training.get("posthoc_ema_every", 0)) if isinstance(training, Mapping) else 0
+
+
+def check_posthoc_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuse (`ConfigError`) to turn post-hoc EMA on when resuming a run trained without it:
+    the reconstruction needs the tracked EMAs from step 0 (and its checkpoints lack them)."""
+    if not workdir_lib.finished_steps(workdir) or not config.training.get("posthoc_ema_every"):
+        return
+    saved = workdir_lib.checkpoint_config(workdir) or workdir_lib.read_config_json(workdir)
+    if saved is not None and saved_posthoc_every(saved) == 0:
+        raise ConfigError(
+            f"--workdir={workdir} holds a run trained without post-hoc EMA; it must track its "
+            "EMAs from step 0: leave training.posthoc_ema_every=0, or use a new --workdir"
         )
