@@ -17,7 +17,6 @@ resumes from (`remove_after`): the interrupted run wrote them, the resumed one w
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -69,16 +68,18 @@ def unflatten(arrays: Any, template: PyTree, prefix: str = "", *, source: str) -
 
 
 def snapshot_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), DIRECTORY, SNAPSHOTS)
+    return workdir_lib.contained_path(workdir, DIRECTORY, SNAPSHOTS)
 
 
 def snapshot_steps(workdir: str) -> list[int]:
     """Steps of the snapshots in `workdir`, ascending (temporaries have other names)."""
     directory = snapshot_dir(workdir)
-    if not os.path.isdir(directory):
+    if not workdir_lib.isdir(directory):
         return []
     return sorted(
-        int(m.group(1)) for name in os.listdir(directory) if (m := _SNAPSHOT_FILE.match(name))
+        int(m.group(1))
+        for name in workdir_lib.listdir(directory)
+        if (m := _SNAPSHOT_FILE.match(name))
     )
 
 
@@ -112,13 +113,13 @@ def remove_after(workdir: str, step: int) -> list[int]:
     later = [s for s in snapshot_steps(workdir) if s > step]
     if workdir_lib.is_chief():
         for s in later:
-            os.remove(snapshot_path(workdir, s))
+            workdir_lib.remove_file(snapshot_path(workdir, s))
     return later
 
 
 def read_snapshot_profiles(workdir: str, step: int) -> tuple[np.ndarray, np.ndarray]:
     """(sigma_rels, gammas), float64 (K,), of the EMAs in the snapshot of `step`."""
-    with np.load(snapshot_path(workdir, step)) as stored:
+    with workdir_lib.load_npz(snapshot_path(workdir, step)) as stored:
         return np.asarray(stored["sigma_rels"]), np.asarray(stored["gammas"])
 
 
@@ -171,9 +172,9 @@ def require_params(workdir: str, params: str) -> None:
     if sigma_rel is None:
         return
     npz, record_path = params_paths(workdir, sigma_rel)
-    if not (os.path.exists(npz) and os.path.exists(record_path)):
+    if not (workdir_lib.exists(npz) and workdir_lib.exists(record_path)):
         raise NoCheckpointError(
-            f"no post-hoc EMA with sigma_rel={sigma_rel:g} in {os.path.dirname(npz)}; write it "
+            f"no post-hoc EMA with sigma_rel={sigma_rel:g} in {workdir_lib.dirname(npz)}; write it "
             f"with --mode=posthoc_ema --config.posthoc_ema.sigma_rel={sigma_rel:g} "
             "and the same --workdir"
         )
@@ -183,7 +184,7 @@ def read_params(workdir: str, sigma_rel: float, template: PyTree) -> tuple[PyTre
     """(params, step) of the reconstruction with `sigma_rel` (`require_params` first)."""
     require_params(workdir, f"{PARAMS_PREFIX}{sigma_rel!r}")
     npz, record_path = params_paths(workdir, sigma_rel)
-    with open(record_path) as f:
+    with workdir_lib.open_file(record_path) as f:
         step = int(json.load(f)["step"])
-    with np.load(npz) as stored:
+    with workdir_lib.load_npz(npz) as stored:
         return unflatten(stored, template, source=npz), step

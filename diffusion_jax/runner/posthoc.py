@@ -88,7 +88,7 @@ def posthoc_ema_mode(
     k = 0
     for step in steps:
         path = ema_snapshots.snapshot_path(workdir, step)
-        with np.load(path) as stored:
+        with workdir_lib.load_npz(path) as stored:
             num = len(stored["gammas"])
             for i in range(num):
                 ema = ema_snapshots.unflatten(
