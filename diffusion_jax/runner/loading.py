@@ -93,7 +93,7 @@ class Run:
                 jax.Array,
                 spec.sample(
                     model_fn,
-                    self.schedule,
+                    self.setup.process,
                     shape,
                     rng,
                     labels=labels,
