@@ -280,6 +280,11 @@ def test_spec_from_the_digits_config_has_the_old_kwargs() -> None:
         "sigma_max": 80.0,
         "rho": 7.0,
         "gaussian_start_t": 0,
+        "sigma_min": 0.002,
+        "s_churn": 0.0,
+        "s_min": 0.0,
+        "s_max": float("inf"),
+        "s_noise": 1.0,
     }
     assert spec.name() == "dpm_solverpp2m_sde20"
     spec.validate(schedules.get_schedule("cosine", 1000))
