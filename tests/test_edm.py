@@ -411,3 +411,43 @@ def test_the_ddpm_formulation_loss_is_unchanged_by_the_new_keys(tiny_config):
         model_fn, sch, batch["image"], loss_rng, prediction=d.prediction
     )
     assert float(metrics["loss"]) == pytest.approx(float(jnp.mean(direct)), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_digits_edm_config_differs_from_digits_only_in_formulation_sampling_and_bpd():
+    import json
+
+    from configs import digits, digits_edm
+
+    def flat(config):
+        return validation._flatten(json.loads(config.to_json_best_effort()))
+
+    base, new = flat(digits.get_config()), flat(digits_edm.get_config())
+    changed = {k for k in base if base[k] != new[k]}
+    assert changed == {
+        "diffusion.formulation",
+        "sampling.sampler",
+        "sampling.num_steps",
+        "sampling.timestep_spacing",
+        "eval.bpd_num_images",
+    }
+    assert new["diffusion.formulation"] == "edm" and new["sampling.sampler"] == "edm_heun"
+
+
+def test_the_formulation_x_sampler_sweep_pairs_each_formulation_with_its_samplers():
+    from configs import digits
+    from diffusion_jax.runner import sweeps
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "sweeps")
+    points = list(sweeps.load_sweep(os.path.join(path, "formulation_x_sampler.py")))
+    assert [(p["diffusion.formulation"], p["sampling.sampler"]) for p in points] == [
+        ("ddpm", "dpm_solver++2m_sde"),
+        ("ddpm", "heun"),
+        ("edm", "edm_heun"),
+        ("edm", "edm_dpm_solver++"),
+    ]
+    config = digits.get_config()
+    config.eval.bpd_num_images = 0
+    sweeps.validate_points(config, points)
