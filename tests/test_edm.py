@@ -386,33 +386,6 @@ def test_an_edm_run_resumes_bit_exactly_and_locks_its_formulation(edm_run, tmp_p
         train_mode.train(config, resumed_dir)
 
 
-def test_the_ddpm_formulation_loss_is_unchanged_by_the_new_keys(tiny_config):
-    """formulation='ddpm' (the default) trains exactly as before the edm keys existed."""
-    from diffusion_jax import diffusion, schedules, train_state
-
-    model = train_state.create_model(tiny_config.model, None)
-    sch = schedules.from_config(tiny_config.diffusion)
-    opt = train_state.create_optimizer(tiny_config.training)
-    state = train_state.init_train_state(model, opt, jax.random.key(0), (8, 8, 1))
-    batch = {
-        "image": jax.random.uniform(jax.random.key(1), (4, 8, 8, 1), minval=-1, maxval=1),
-        "label": jnp.zeros((4,), jnp.int32),
-    }
-    step = train_state.make_train_step(model, sch, opt, tiny_config.diffusion, 0.99)
-    _, metrics = step(state, batch)
-    rng = jax.random.fold_in(state.rng, state.step)
-    _, loss_rng = jax.random.split(rng)
-
-    def model_fn(x, t, labels=None):
-        return model.apply({"params": state.params}, x, t, train=True, rngs={"dropout": rng})
-
-    d = tiny_config.diffusion
-    direct = diffusion.training_loss(
-        model_fn, sch, batch["image"], loss_rng, prediction=d.prediction
-    )
-    assert float(metrics["loss"]) == pytest.approx(float(jnp.mean(direct)), rel=1e-6)
-
-
 # --------------------------------------------------------------------------- configs
 
 
