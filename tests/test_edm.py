@@ -424,3 +424,41 @@ def test_the_formulation_x_sampler_sweep_pairs_each_formulation_with_its_sampler
     config = digits.get_config()
     config.eval.bpd_num_images = 0
     sweeps.validate_points(config, points)
+
+
+def test_label_dropout_replaces_labels_by_the_null_class_in_the_edm_loss():
+    x0 = jnp.zeros((64, 2))
+    seen = []
+
+    def net(x_in, time, labels):
+        seen.append(labels)
+        return jnp.zeros_like(x_in)
+
+    PROCESS.training_loss(net, x0, jax.random.key(0), labels=jnp.arange(64) % 3, num_classes=3)
+    PROCESS.training_loss(
+        net, x0, jax.random.key(0), labels=jnp.arange(64) % 3, num_classes=3, label_dropout=1.0
+    )
+    PROCESS.training_loss(
+        net, x0, jax.random.key(0), labels=jnp.arange(64) % 3, num_classes=3, label_dropout=0.5
+    )
+    np.testing.assert_array_equal(seen[0], np.arange(64) % 3)
+    np.testing.assert_array_equal(seen[1], np.full(64, 3))
+    dropped = np.asarray(seen[2]) == 3
+    assert 10 < dropped.sum() < 54
+    np.testing.assert_array_equal(np.asarray(seen[2])[~dropped], (np.arange(64) % 3)[~dropped])
+
+
+def test_a_class_conditional_edm_run_samples_with_guidance(digits_data_dir, tmp_path):
+    from tests.conftest import make_tiny_config
+
+    config = _edm_config(make_tiny_config(digits_data_dir))
+    config.model.class_conditional = True
+    config.training.num_train_steps = 2
+    config.training.checkpoint_every = 2
+    config.sampling.guidance_scale = 2.0
+    config.sampling.label = 3
+    workdir = str(tmp_path / "run")
+    train_mode.train(config, workdir)
+    path = sample_mode.sample(config, workdir)
+    assert os.path.basename(path) == "edm_heun4_karras_g2_label3_seed0.npz"
+    assert np.load(path)["images"].shape == (6, 8, 8, 1)
