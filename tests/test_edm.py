@@ -402,11 +402,10 @@ def test_digits_edm_config_differs_from_digits_only_in_formulation_sampling_and_
     assert changed == {
         "diffusion.formulation",
         "sampling.sampler",
-        "sampling.num_steps",
         "sampling.timestep_spacing",
         "eval.bpd_num_images",
     }
-    assert new["diffusion.formulation"] == "edm" and new["sampling.sampler"] == "edm_heun"
+    assert new["sampling.sampler"] == "edm_dpm_solver++2m_sde" and new["sampling.num_steps"] == 20
 
 
 def test_the_formulation_x_sampler_sweep_pairs_each_formulation_with_its_samplers():
