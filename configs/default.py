@@ -37,6 +37,12 @@ def get_config() -> ml_collections.ConfigDict:
     model.remat = False
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
+    # 'ddpm' (discrete timesteps on `schedule`) | 'edm' (Karras et al. 2022: continuous sigma,
+    # preconditioned denoiser; the edm_* samplers; docs/edm.md).
+    diffusion.formulation = "ddpm"
+    diffusion.sigma_data = 0.5  # edm: the data's standard deviation
+    diffusion.p_mean = -1.2  # edm: training ln(sigma) ~ N(p_mean, p_std^2)
+    diffusion.p_std = 1.2
     diffusion.schedule = "linear"
     diffusion.num_timesteps = 1000
     diffusion.prediction = "eps"  # 'eps' | 'x0' | 'v'
@@ -76,13 +82,21 @@ def get_config() -> ml_collections.ConfigDict:
     training.debug_sleep_after_save = 0.0
 
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.sampler = "ddim"  # 'ddpm' | 'ddim' | 'dpm_solver++' | 'heun'
+    # 'ddpm' | 'ddim' | 'dpm_solver++' | 'heun' | ...; edm runs: 'edm_heun' | 'edm_euler' |
+    # 'edm_stochastic' | 'edm_dpm_solver++' (docs/samplers.md, docs/edm.md)
+    sampling.sampler = "ddim"
     sampling.num_steps = 50
     sampling.eta = 0.0
     # 'linspace' | 'leading' | 'trailing' | 'quadratic' | 'karras' | 'logsnr' (docs/samplers.md)
     sampling.timestep_spacing = "linspace"
     sampling.sigma_max = 80.0  # 'karras' and 'logsnr': the largest sigma visited
     sampling.rho = 7.0  # 'karras': Karras et al.'s rho
+    sampling.sigma_min = 0.002  # edm samplers: the smallest sigma visited (then onto 0)
+    # edm_stochastic (EDM Alg. 2): churn, the sigma range it applies in, and the noise scale.
+    sampling.s_churn = 0.0
+    sampling.s_min = 0.0
+    sampling.s_max = float("inf")
+    sampling.s_noise = 1.0
     # > 0: jump from x_T to this timestep with the data's Gaussian model (exact probability-flow
     # map, stats of the train split stored in the workdir) and sample from there. 0 = off.
     sampling.gaussian_start_t = 0

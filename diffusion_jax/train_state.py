@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax import diffusion, posthoc_ema, schedules
+from diffusion_jax import diffusion, edm, posthoc_ema, schedules
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import UNet
 
@@ -164,7 +164,9 @@ def make_train_step(
     ema_decay, ema_warmup)`. With `posthoc_gammas` (one per `state.posthoc_emas`), the
     power-function EMAs are updated too (`posthoc_ema.update`), also on a skipped step: with the
     unchanged parameters, so they stay the exact power-function averages of the parameter
-    sequence.
+    sequence. diffusion_config's `formulation` picks the loss: 'ddpm' (default)
+    `diffusion.training_loss` on `schedule`; 'edm' `edm.EDM.training_loss` (the schedule is
+    then unused).
 
     batch: {'image': float32 (B, H, W, C) in [-1, 1], 'label': int32 (B,)}. The loss is the mean
     over the global batch, so the same batch on 1 or N devices gives the same update.
@@ -172,6 +174,9 @@ def make_train_step(
     'nonfinite_steps' and 'consecutive_nonfinite' (the state's counters after the step).
     """
     conditional = model.num_classes is not None
+    edm_process = (
+        edm.from_config(diffusion_config) if edm.formulation_of(diffusion_config) == "edm" else None
+    )
 
     def loss_fn(params: PyTree, batch: Batch, rng: jax.Array) -> jax.Array:
         dropout_rng, loss_rng = jax.random.split(rng)
@@ -182,6 +187,18 @@ def make_train_step(
             )
             return cast(jax.Array, out)
 
+        if edm_process is not None:
+            # EDM (Karras et al. 2022): lognormal sigma, preconditioned denoiser, lambda(sigma).
+            return jnp.mean(
+                edm_process.training_loss(
+                    model_fn,
+                    batch["image"],
+                    loss_rng,
+                    labels=batch["label"] if conditional else None,
+                    num_classes=model.num_classes,
+                    label_dropout=diffusion_config.label_dropout if conditional else 0.0,
+                )
+            )
         per_example = diffusion.training_loss(
             model_fn,
             schedule,

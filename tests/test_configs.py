@@ -18,7 +18,7 @@ from diffusion_jax.runner.validation import (
     validate_config,
 )
 
-CONFIG_MODULES = ["configs.default", "configs.digits", "configs.cifar10_ddpm"]
+CONFIG_MODULES = ["configs.default", "configs.digits", "configs.digits_edm", "configs.cifar10_ddpm"]
 CONTRACT_KEYS = [
     "seed",
     "training.num_train_steps",

@@ -117,6 +117,11 @@ def test_an_unregistered_sampler_is_unknown_again() -> None:
             "dpm_solver++3m",
             "dpm_solver++2m_sde",
             "heun",
+            "edm_euler",
+            "edm_heun",
+            "edm_stochastic",
+            "edm_dpm_solver++",
+            "edm_dpm_solver++2m_sde",
         )
     )
     with pytest.raises(ValueError, match=r"unknown sampler 'euler'; use one of \('ddpm', "):
@@ -153,13 +158,13 @@ def test_a_registered_sampler_names_and_checks_its_own_options() -> None:
 def test_registration_refuses_taken_names_and_unknown_options() -> None:
     with pytest.raises(ValueError, match="'ddim' is already registered"):
         samplers.register(samplers.get_sampler("ddim"))
-    churn = samplers.Option("s_churn", 0.0, label=str)
-    with pytest.raises(ValueError, match=r"reads unknown options \['s_churn'\]"):
+    churn = samplers.Option("s_tmin", 0.0, label=str)
+    with pytest.raises(ValueError, match=r"reads unknown options \['s_tmin'\]"):
         samplers.register(samplers.Sampler(name="edm", build=_euler_build, options=(churn,)))
     assert "edm" not in samplers.names()
 
 
-@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers.DDPM_SAMPLERS)
 def test_num_evaluations_is_the_trajectory_length(sampler: str) -> None:
     _, traj = samplers.sample(
         gaussian_oracle.optimal_model(SCH, MU, S),
@@ -275,6 +280,11 @@ def test_spec_from_the_digits_config_has_the_old_kwargs() -> None:
         "sigma_max": 80.0,
         "rho": 7.0,
         "gaussian_start_t": 0,
+        "sigma_min": 0.002,
+        "s_churn": 0.0,
+        "s_min": 0.0,
+        "s_max": float("inf"),
+        "s_noise": 1.0,
     }
     assert spec.name() == "dpm_solverpp2m_sde20"
     spec.validate(schedules.get_schedule("cosine", 1000))

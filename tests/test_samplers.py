@@ -296,7 +296,7 @@ def test_deterministic_samplers_ignore_temperature(sampler: str) -> None:
     np.testing.assert_array_equal(run(0.3), run(1.0))
 
 
-@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers.DDPM_SAMPLERS)
 def test_clip_x0_keeps_samples_in_range(sampler: str) -> None:
     # Data N(0.5, 2^2): most unclipped x0 predictions lie outside [-1, 1].
     clipped, traj = samplers.sample(
@@ -347,7 +347,7 @@ def test_samples_are_reproducible_and_independent_of_the_batch(sampler: str) -> 
     assert not np.allclose(run(jax.random.key(12), jnp.arange(4, dtype=jnp.int32)), first)
 
 
-@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers.DDPM_SAMPLERS)
 def test_sample_jits_as_one_scan_with_one_model_copy(sampler: str) -> None:
     traces = []
     base = gaussian_model(SCH)
@@ -375,7 +375,7 @@ def test_sample_works_with_a_traced_schedule() -> None:
     np.testing.assert_allclose(traced, eager, atol=1e-4)
 
 
-@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers.DDPM_SAMPLERS)
 def test_trajectory_records_every_model_evaluation(sampler: str) -> None:
     out, traj = samplers.sample(
         gaussian_model(SCH),

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax import checkpointing, editing, images, samplers
+from diffusion_jax import checkpointing, editing, edm, images, samplers
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.runner import generate, loading, validation
@@ -69,6 +69,11 @@ def check_edit(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if edm.formulation_of(config.diffusion) == "edm":
+        raise ConfigError(
+            "the editing and visualize modes run the ddpm formulation's timestep chain; they are "
+            "not implemented for diffusion.formulation='edm' (use --mode=sample or eval)"
+        )
 
 
 # The config sections the editing and visualisation modes use.

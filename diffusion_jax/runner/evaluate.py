@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpointing, likelihood, parallel, samplers
+from diffusion_jax import checkpointing, edm, likelihood, parallel, samplers
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import ConfigError, MissingEvalInputError
 from diffusion_jax.evaluation import metrics as metrics_lib
@@ -111,6 +111,12 @@ def check_eval(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if e.bpd_num_images > 0 and edm.formulation_of(config.diffusion) == "edm":
+        raise ConfigError(
+            "eval.bpd_num_images > 0 computes the ddpm formulation's discrete-time bits/dim; an "
+            "edm run's likelihood (probability-flow ODE) is not implemented: set "
+            "--config.eval.bpd_num_images=0"
+        )
     if e.name:
         workdir_lib.output_name(e.name, "eval.name")
     if e.feature_network == "digits" and config.data.name != "digits":

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax import diffusion, images, parallel, samplers, schedules
+from diffusion_jax import diffusion, edm, images, parallel, samplers, schedules
 from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.errors import NonFiniteError
 from diffusion_jax.models.unet import UNet
@@ -71,7 +71,7 @@ def device_batch_size(batch_size: int, num_devices: int, num_samples: int | None
 
 def make_sample_fn(
     model: UNet,
-    schedule: schedules.Schedule,
+    schedule: schedules.Schedule | edm.EDM,
     spec: samplers.SamplerSpec,
     image_shape: tuple[int, int, int],
     batch_size: int,

@@ -113,7 +113,7 @@ class Run:
         """The jitted sampler of one option set; parameters, key, labels, data Gaussian and
         array inputs (x_init, sample_ids, ...) are its arguments, so new values of the same
         shapes reuse the compiled program (jit retraces by itself for new shapes)."""
-        setup, schedule = self.setup, self.schedule
+        setup = self.setup
 
         @jax.jit
         def generate(
@@ -127,7 +127,7 @@ class Run:
                 jax.Array,
                 spec.sample(
                     setup.model_fn(params),
-                    schedule,
+                    setup.process,
                     shape,
                     rng,
                     labels=labels,

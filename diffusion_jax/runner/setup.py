@@ -14,7 +14,15 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax import checkpointing, parallel, posthoc_ema, samplers, schedules, train_state
+from diffusion_jax import (
+    checkpointing,
+    edm,
+    parallel,
+    posthoc_ema,
+    samplers,
+    schedules,
+    train_state,
+)
 from diffusion_jax.data import pipeline
 from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.errors import ConfigError, DatasetNotPreparedError, NoCheckpointError
@@ -47,6 +55,8 @@ class ModelSetup:
         self.image_shape: tuple[int, int, int] = tuple(self.info.image_shape)  # type: ignore[assignment]
         self.model: UNet = train_state.create_model(config.model, self.info.num_classes)
         self.schedule = schedules.from_config(config.diffusion)
+        # What the samplers take: the schedule, or the run's `edm.EDM` (formulation 'edm').
+        self.process: schedules.Schedule | edm.EDM = edm.sampling_process(config.diffusion)
         self.optimizer = train_state.create_optimizer(config.training)
         # The tracked post-hoc EMAs (training.posthoc_ema_every > 0; .get: configs saved before
         # the keys existed track none).
@@ -172,7 +182,7 @@ class ModelSetup:
         spec = spec or self.sampler_spec()
         return generate.make_sample_fn(
             self.model,
-            self.schedule,
+            self.process,
             spec,
             self.image_shape,
             batch_size,

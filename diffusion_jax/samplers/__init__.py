@@ -13,6 +13,12 @@ evaluates the model only there, inside one scan body (compile time does not grow
     dpm_solver++2m_sde  DPM-Solver++(2M) SDE, stochastic (`dpm_solver`); N evaluations.
     heun                EDM's 2nd-order Heun on the probability-flow ODE (`heun`); 2N - 1.
 
+The EDM formulation (`diffusion_jax.edm`; pass an `edm.EDM` as `sch` and the network F as
+model_fn) has its own samplers in sigma space (`edm_samplers`): edm_euler (N evaluations),
+edm_heun (EDM Alg. 1, 2N - 1), edm_stochastic (EDM Alg. 2, 2N - 1), edm_dpm_solver++ and
+edm_dpm_solver++2m_sde (N). Each sampler is registered for one formulation; `sample` refuses
+the other's.
+
 The last step of every sampler returns the model's x0 prediction at the last timestep (DDIM's
 step to ab = 1; for the ODE samplers the Euler step to sigma = 0, i.e. x0 = denoise(x there)).
 `gaussian_start_t` replaces the chain above that timestep by the exact flow of the data's
@@ -50,6 +56,7 @@ from diffusion_jax.samplers import ddpm as ddpm
 from diffusion_jax.samplers import ddim as ddim
 from diffusion_jax.samplers import dpm_solver as dpm_solver
 from diffusion_jax.samplers import heun as heun
+from diffusion_jax.samplers import edm_samplers as edm_samplers
 
 # isort: on
 from diffusion_jax.samplers.base import (
@@ -67,10 +74,15 @@ from diffusion_jax.samplers.spec import SamplerSpec
 
 # The built-in samplers; `names()` also lists samplers registered later.
 SAMPLERS = names()
-# The samplers that integrate the ODE from t=T-1 to t=0 (they need num_steps >= 2).
-ODE_SAMPLERS = tuple(name for name in SAMPLERS if get_sampler(name).ode)
+# The built-in samplers of each formulation.
+DDPM_SAMPLERS = names("ddpm")
+EDM_SAMPLERS = names("edm")
+# The ddpm samplers that integrate the ODE from t=T-1 to t=0 (they need num_steps >= 2).
+ODE_SAMPLERS = tuple(name for name in DDPM_SAMPLERS if get_sampler(name).ode)
 
 __all__ = [
+    "DDPM_SAMPLERS",
+    "EDM_SAMPLERS",
     "ODE_SAMPLERS",
     "SAMPLERS",
     "TIMESTEP_SPACINGS",

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
-from diffusion_jax.samplers.denoise import Denoiser
+from diffusion_jax.samplers.denoise import Denoiser, EDMDenoiser
 from diffusion_jax.samplers.noise import Noise
 
 Array = jax.Array
@@ -36,6 +36,10 @@ class SamplerOptions:
     lower_order_final: bool = True
     temperature: Any = 1.0
     learn_sigma: bool = False
+    s_churn: float = 0.0
+    s_min: float = 0.0
+    s_max: float = float("inf")
+    s_noise: float = 1.0
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SamplerOptions))
@@ -61,14 +65,20 @@ class Option:
 class Chain:
     """What a sampler builds its scan from: the N timesteps it visits and their
     alphas_cumprod, the start x (B, ...) at timesteps[0], the model, the per-sample noise
-    (draw step k's from index k + 1) and the options."""
+    (draw step k's from index k + 1) and the options.
+
+    An EDM-formulation chain (samplers registered with formulation='edm') visits the noise
+    levels `sigmas` (float64 (N,), decreasing, > 0; then onto sigma = 0) instead: its
+    `timesteps` are the step indices N-1..0, alphas_cumprod is 1 / (1 + sigma^2), `ts` gives
+    the sigmas, and `denoise(x, sigma)` is the EDM denoiser (`EDMDenoiser`)."""
 
     timesteps: np.ndarray  # int64 (N,), strictly decreasing
     alphas_cumprod: Any  # (N,) float64 numpy; a jax array when the schedule is traced
     x_init: Array
-    denoise: Denoiser
+    denoise: Denoiser | EDMDenoiser  # (x, timestep | sigma) -> (x0, eps)
     noise: Noise
     options: SamplerOptions
+    sigmas: np.ndarray | None = None
 
     @property
     def dtype(self) -> Any:
@@ -81,7 +91,9 @@ class Chain:
 
     @property
     def ts(self) -> Array:
-        """int32 (N,) timesteps, a scan input."""
+        """int32 (N,) timesteps, a scan input (an edm chain: its sigmas, float)."""
+        if self.sigmas is not None:
+            return jnp.asarray(self.sigmas, dtype=diffusion.float_dtype())
         return jnp.asarray(self.timesteps, dtype=jnp.int32)
 
     def bcast(self, c: Array) -> Array:
@@ -117,7 +129,9 @@ class Sampler:
     min_steps: the fewest timesteps it works with. num_evaluations(N): model evaluations
     (= trajectory length K). check_on_schedule(ab (N,) float64 on its timesteps, options):
     raises ValueError for options the schedule's values rule out (`validate_on_schedule`;
-    `build` raises the same for a concrete schedule).
+    `build` raises the same for a concrete schedule). formulation: the model it samples,
+    'ddpm' (integer timesteps of a `Schedule`) or 'edm' (noise levels sigma of an `edm.EDM`,
+    Karras et al. 2022); `sample` refuses the other.
     """
 
     name: str
@@ -127,6 +141,7 @@ class Sampler:
     min_steps: int = 1
     num_evaluations: Callable[[int], int] = _one_per_step
     check_on_schedule: Callable[[Any, SamplerOptions], None] | None = None
+    formulation: str = "ddpm"
 
 
 def array_module(arr: Any) -> Any:

@@ -99,6 +99,7 @@ def _build(chain: Chain) -> Scan:
     def body(x: Array, xs: tuple[Array, ...]) -> tuple[Array, tuple[Array, Array]]:
         k, t_step, *coefficients = xs
         a0, at, s, lo, hi = (chain.bcast(c) for c in coefficients)
+        assert isinstance(chain.denoise, Denoiser)  # a ddpm-formulation chain
         x_next, x0 = reverse_step(
             chain.denoise,
             x,

@@ -3,6 +3,9 @@
 A learn_sigma model (output (B, ..., 2C), Improved DDPM) is used through its first C channels
 (the prediction); the last C, its variance values, are returned for the samplers that read them
 (ddpm with variance='learned_range').
+
+`EDMDenoiser` is the same for the EDM formulation: the network F preconditioned into
+D(x; sigma) at a noise level sigma instead of a timestep.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import diffusion
+from diffusion_jax.edm import EDM
 from diffusion_jax.schedules import Schedule
 
 Array = jax.Array
@@ -61,3 +65,31 @@ class Denoiser:
         """(x0, eps) predictions (B, ...) at the integer timestep t_step (scalar)."""
         x0, eps, _ = self.with_variance(x, t_step)
         return x0, eps
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMDenoiser:
+    """net(x_in (B, ...), time (B,)) -> F (labels and guidance bound in), preconditioned by
+    `process` into D(x; sigma) (`edm.EDM.denoise`): the x0 prediction, clipped to [-1, 1] with
+    clip_x0, and eps = (x - x0) / sigma.
+
+    Classifier-free guidance combines F's conditional and unconditional outputs; D is affine in
+    F with weights fixed by x and sigma, so that is the same guided combination of D.
+    """
+
+    net: Callable[[Array, Array], Array]
+    process: EDM
+    shape: tuple[int, ...]
+    clip_x0: bool
+    dtype: Any
+
+    def __call__(self, x: Array, sigma: Array) -> tuple[Array, Array]:
+        """(x0, eps) predictions (B, ...) at the noise level sigma (scalar, > 0)."""
+        x = x.astype(self.dtype)
+        x0 = self.process.denoise(self.net, x, sigma)
+        if x0.shape != self.shape:
+            raise ValueError(f"model_fn returned shape {x0.shape}; expected {self.shape}")
+        if self.clip_x0:
+            x0 = jnp.clip(x0, -1.0, 1.0)
+        eps = (x - x0) / jnp.asarray(sigma, self.dtype)
+        return x0.astype(self.dtype), eps.astype(self.dtype)

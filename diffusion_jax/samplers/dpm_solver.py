@@ -85,7 +85,15 @@ def dpm_solver_coefficients(
     half its Taylor value and the solver converged at order 2 on exact Gaussian data; with 2 phi_3
     at order 3 (tests/test_sampler_spacings_and_solvers.py).
     """
-    alpha, sigma, h, xp = _log_snr_steps(ab)
+    return multistep_coefficients(*_log_snr_steps(ab), lower_order_final, max_order)
+
+
+def multistep_coefficients(
+    alpha: Any, sigma: Any, h: Any, xp: Any, lower_order_final: bool = True, max_order: int = 2
+) -> tuple[Any, Any, Any, Any]:
+    """`dpm_solver_coefficients` from alpha, sigma (N,) at the steps and h (N-1,) =
+    lambda_{k+1} - lambda_k, lambda = log(alpha / sigma); xp: their array module. EDM's sigma
+    space is alpha = 1 (`edm_samplers`)."""
     orders = step_orders(h.shape[0], max_order, lower_order_final)
     a_next = alpha[1:]
     em1 = xp.expm1(-h)
@@ -121,7 +129,13 @@ def sde_coefficients(ab: Any, lower_order_final: bool = True) -> tuple[Any, Any,
       order 1: B = alpha_{k+1} phi;  order 2: B = alpha_{k+1} phi (1 + 1 / (2 r0)),
       C = -alpha_{k+1} phi / (2 r0);  Z = sigma_{k+1} sqrt(phi).
     The last (k = N-1) returns D_{N-1}."""
-    alpha, sigma, h, xp = _log_snr_steps(ab)
+    return multistep_sde_coefficients(*_log_snr_steps(ab), lower_order_final)
+
+
+def multistep_sde_coefficients(
+    alpha: Any, sigma: Any, h: Any, xp: Any, lower_order_final: bool = True
+) -> tuple[Any, Any, Any, Any]:
+    """`sde_coefficients` from alpha, sigma (N,) and h (N-1,), as `multistep_coefficients`."""
     orders = step_orders(h.shape[0], 2, lower_order_final)
     phi = -xp.expm1(-2.0 * h)
     one, zero = xp.ones((1,), dtype=h.dtype), xp.zeros((1,), dtype=h.dtype)
@@ -135,7 +149,7 @@ def sde_coefficients(ab: Any, lower_order_final: bool = True) -> tuple[Any, Any,
     )
 
 
-def _multistep_scan(chain: Chain, a: Any, b: Any, c: Any, e: Any, z: Any | None) -> Scan:
+def multistep_scan(chain: Chain, a: Any, b: Any, c: Any, e: Any, z: Any | None) -> Scan:
     """The scan of x_next = a x + b D_k + c D_{k-1} + e D_{k-2} (+ z * temperature * noise)."""
     dtype, bcast, temperature = chain.dtype, chain.bcast, chain.options.temperature
     stochastic = z is not None
@@ -157,7 +171,7 @@ def _multistep_scan(chain: Chain, a: Any, b: Any, c: Any, e: Any, z: Any | None)
 
 def _build_2m(chain: Chain) -> Scan:
     lower_order_final = bool(chain.options.lower_order_final)
-    return _multistep_scan(
+    return multistep_scan(
         chain, *dpm_solver_coefficients(chain.alphas_cumprod, lower_order_final), None
     )
 
@@ -165,12 +179,12 @@ def _build_2m(chain: Chain) -> Scan:
 def _build_3m(chain: Chain) -> Scan:
     lower_order_final = bool(chain.options.lower_order_final)
     coefficients = dpm_solver_coefficients(chain.alphas_cumprod, lower_order_final, max_order=3)
-    return _multistep_scan(chain, *coefficients, None)
+    return multistep_scan(chain, *coefficients, None)
 
 
 def _build_sde(chain: Chain) -> Scan:
     a, b, c, z = sde_coefficients(chain.alphas_cumprod, bool(chain.options.lower_order_final))
-    return _multistep_scan(chain, a, b, c, array_module(a).zeros_like(a), z)
+    return multistep_scan(chain, a, b, c, array_module(a).zeros_like(a), z)
 
 
 def _check_lower_order_final(value: Any, options: SamplerOptions) -> None:

@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion
+from diffusion_jax import diffusion, edm
 from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.guidance import conditioned_model
 from diffusion_jax.samplers import registry
 from diffusion_jax.samplers.base import Chain
 from diffusion_jax.samplers.checks import check_gaussian_start_steps, validate_sampler_args
-from diffusion_jax.samplers.denoise import Denoiser
+from diffusion_jax.samplers.denoise import Denoiser, EDMDenoiser
 from diffusion_jax.samplers.noise import Noise, resolve_sample_ids
 from diffusion_jax.samplers.spacing import SIGMA_SPACINGS, get_timesteps
 from diffusion_jax.schedules import Schedule
@@ -40,7 +40,7 @@ class Trajectory(NamedTuple):
 
 def sample(
     model_fn: Callable[..., Array],
-    sch: Schedule,
+    sch: Schedule | edm.EDM,
     shape: tuple[int, ...],
     rng: Array,
     *,
@@ -65,6 +65,11 @@ def sample(
     rho: float = 7.0,
     gaussian_start_t: int = 0,
     data_gaussian: DataGaussian | None = None,
+    sigma_min: float = 0.002,
+    s_churn: float = 0.0,
+    s_min: float = 0.0,
+    s_max: float = float("inf"),
+    s_noise: float = 1.0,
 ) -> Any:
     """Draw samples (B, ...) = `shape` from the model; see the package docstring.
 
@@ -93,15 +98,25 @@ def sample(
     probability-flow map of `data_gaussian` (the data's Gaussian model, `DataGaussian`) and
     runs the sampler from there, its timesteps spaced over [gaussian_start_t, 0]: the network
     is never evaluated above gaussian_start_t. 0 = off.
+    EDM formulation: with `sch` an `edm.EDM`, model_fn is the network F(x_in, time[, labels])
+    (`edm.EDM.denoise` preconditions it) and the sampler one registered for 'edm' (`edm_heun`,
+    `edm_euler`, `edm_stochastic`, `edm_dpm_solver++`, ...; `edm_samplers`). It visits the N
+    noise levels of timestep_spacing 'karras' (`edm.karras_sigmas(N, sigma_min, sigma_max,
+    rho)`) or 'logsnr' (geometric), from x = sigma_max * N(0, I) (x_init if given), and returns
+    the x0 prediction at sigma_min. s_churn, s_min, s_max, s_noise: edm_stochastic (EDM Alg. 2).
+    A trajectory's timesteps are then the sigmas evaluated (float). start_timestep and
+    gaussian_start_t are for the ddpm formulation.
     Static (Python) arguments: shape, sampler, num_steps, eta, prediction, clip_x0,
     timestep_spacing, variance, num_classes, return_trajectory, lower_order_final,
-    start_timestep, learn_sigma, sigma_max, rho, gaussian_start_t.
+    start_timestep, learn_sigma, sigma_max, rho, gaussian_start_t, sigma_min, s_churn, s_min,
+    s_max, s_noise.
 
     Returns x0 samples (B, ...) in JAX's default float dtype (float32 unless x64 is enabled),
     and with return_trajectory also a `Trajectory`.
     Raises ValueError (before tracing the model) for bad options, naming the allowed values.
     """
-    num_timesteps = sch.num_timesteps
+    is_edm = isinstance(sch, edm.EDM)
+    num_timesteps = sch.num_timesteps if isinstance(sch, Schedule) else 0
     options = validate_sampler_args(
         sampler=sampler,
         num_steps=num_steps,
@@ -116,6 +131,12 @@ def sample(
         sigma_max=sigma_max,
         rho=rho,
         gaussian_start_t=gaussian_start_t,
+        sigma_min=sigma_min,
+        s_churn=s_churn,
+        s_min=s_min,
+        s_max=s_max,
+        s_noise=s_noise,
+        formulation="edm" if is_edm else "ddpm",
     )
     shape = tuple(shape)
     if not shape or not all(is_int(d) and d >= 1 for d in shape):
@@ -125,6 +146,29 @@ def sample(
     sample_ids = resolve_sample_ids(sample_ids, batch)
     if x_init is not None and jnp.shape(x_init) != shape:
         raise ValueError(f"x_init must have shape {shape}; got {jnp.shape(x_init)}")
+    if is_edm:
+        assert isinstance(sch, edm.EDM)
+        if start_timestep is not None:
+            raise ValueError("start_timestep is for the ddpm formulation's samplers")
+        sigma_grid = (
+            edm.karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+            if timestep_spacing == "karras"
+            else edm.log_sigmas(num_steps, sigma_min, sigma_max)
+        )
+        dtype = diffusion.float_dtype()
+        noise = Noise.for_samples(rng, sample_ids, shape, dtype)
+        x_start = sigma_grid[0] * noise(0) if x_init is None else jnp.asarray(x_init, dtype)
+        edm_chain = Chain(
+            timesteps=np.arange(num_steps - 1, -1, -1, dtype=np.int64),
+            alphas_cumprod=1.0 / (1.0 + sigma_grid**2),
+            x_init=x_start.astype(dtype),
+            denoise=EDMDenoiser(net=net, process=sch, shape=shape, clip_x0=clip_x0, dtype=dtype),
+            noise=noise,
+            options=options,
+            sigmas=sigma_grid,
+        )
+        return _run_scan(sampler, edm_chain, return_trajectory, int_timesteps=False)
+    assert isinstance(sch, Schedule)
     if start_timestep is not None:
         if not is_int(start_timestep) or not 0 <= start_timestep < num_timesteps:
             raise ValueError(
@@ -175,6 +219,13 @@ def sample(
         noise=noise,
         options=options,
     )
+    return _run_scan(sampler, chain, return_trajectory, int_timesteps=True)
+
+
+def _run_scan(sampler: str, chain: Chain, return_trajectory: bool, *, int_timesteps: bool) -> Any:
+    """Build the sampler's scan from `chain` and run it: the samples, and the `Trajectory`
+    with return_trajectory (its timesteps int32, or the edm chain's float sigmas)."""
+    dtype = diffusion.float_dtype()
     scan = registry.get_sampler(sampler).build(chain)
 
     def body(carry: Any, xs: Any) -> tuple[Any, Any]:
@@ -184,7 +235,7 @@ def sample(
     carry, ys = jax.lax.scan(body, scan.init, scan.xs)
     out = scan.result(carry).astype(dtype)
     if return_trajectory:
-        eval_ts = jnp.asarray(scan.eval_timesteps, jnp.int32)
+        eval_ts = jnp.asarray(scan.eval_timesteps, jnp.int32 if int_timesteps else dtype)
         return out, Trajectory(timesteps=eval_ts, x_t=ys[0], x0_pred=ys[1])
     return out
 

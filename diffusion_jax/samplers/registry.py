@@ -24,6 +24,8 @@ def register(sampler: Sampler) -> Sampler:
         raise ValueError(
             f"sampler {sampler.name!r} reads unknown options {unknown}; use {OPTION_NAMES}"
         )
+    if sampler.formulation not in ("ddpm", "edm"):
+        raise ValueError(f"formulation must be 'ddpm' or 'edm'; got {sampler.formulation!r}")
     if sampler.min_steps < 1:
         raise ValueError(f"min_steps must be >= 1; got {sampler.min_steps}")
     _SAMPLERS[sampler.name] = sampler
@@ -43,9 +45,10 @@ def get_sampler(name: str) -> Sampler:
     return _SAMPLERS[name]
 
 
-def names() -> tuple[str, ...]:
-    """The registered sampler names, in registration order."""
-    return tuple(_SAMPLERS)
+def names(formulation: str | None = None) -> tuple[str, ...]:
+    """The registered sampler names, in registration order (those of `formulation` only if
+    given)."""
+    return tuple(n for n, s in _SAMPLERS.items() if formulation in (None, s.formulation))
 
 
 def registered() -> tuple[Sampler, ...]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 
+from diffusion_jax import edm
 from diffusion_jax.samplers import registry
 from diffusion_jax.samplers.checks import validate_on_schedule, validate_sampler_args
 from diffusion_jax.samplers.driver import sample
@@ -42,6 +43,11 @@ class SamplerSpec:
     sigma_max: float = 80.0
     rho: float = 7.0
     gaussian_start_t: int = 0
+    sigma_min: float = 0.002
+    s_churn: float = 0.0
+    s_min: float = 0.0
+    s_max: float = float("inf")
+    s_noise: float = 1.0
 
     @classmethod
     def from_config(cls, config: Any, num_classes: int | None = None) -> SamplerSpec:
@@ -66,19 +72,26 @@ class SamplerSpec:
             sigma_max=s.get("sigma_max", 80.0),
             rho=s.get("rho", 7.0),
             gaussian_start_t=s.get("gaussian_start_t", 0),
+            sigma_min=s.get("sigma_min", 0.002),
+            s_churn=s.get("s_churn", 0.0),
+            s_min=s.get("s_min", 0.0),
+            s_max=s.get("s_max", float("inf")),
+            s_noise=s.get("s_noise", 1.0),
         )
 
     def replace(self, **changes: Any) -> SamplerSpec:
         """A copy with `changes` (unknown names raise TypeError)."""
         return dataclasses.replace(self, **changes)
 
-    def validate(self, sch: Schedule) -> None:
+    def validate(self, sch: Schedule | edm.EDM) -> None:
         """Raise ValueError naming the fix for any bad option, including options that fail on
-        the schedule's values (a DDIM eta too large for its timesteps)."""
+        the schedule's values (a DDIM eta too large for its timesteps), and a sampler of the
+        other formulation than `sch`'s (an `edm.EDM` is the edm formulation)."""
+        is_edm = isinstance(sch, edm.EDM)
         validate_sampler_args(
             sampler=self.sampler,
             num_steps=self.num_steps,
-            num_timesteps=sch.num_timesteps,
+            num_timesteps=sch.num_timesteps if isinstance(sch, Schedule) else 0,
             eta=self.eta,
             prediction=self.prediction,
             timestep_spacing=self.timestep_spacing,
@@ -89,6 +102,12 @@ class SamplerSpec:
             sigma_max=self.sigma_max,
             rho=self.rho,
             gaussian_start_t=self.gaussian_start_t,
+            sigma_min=self.sigma_min,
+            s_churn=self.s_churn,
+            s_min=self.s_min,
+            s_max=self.s_max,
+            s_noise=self.s_noise,
+            formulation="edm" if is_edm else "ddpm",
         )
         validate_on_schedule(
             sch,
@@ -116,9 +135,9 @@ class SamplerSpec:
         """File-name stem of every option that changes the samples, e.g. 'ddim50_eta0.5_g2':
         `tag`, the sampler's own options that differ from their defaults (as its registration
         labels them), then timestep_spacing (with sigma_max and rho where they apply and differ
-        from 80 and 7), the Gaussian start ('gs800'), guidance_scale, temperature and clip_x0
-        where not the default. prediction, learn_sigma and num_classes describe the model, not the
-        sampler, and are left out."""
+        from 80 and 7; for the edm samplers sigma_min where not 0.002), the Gaussian start
+        ('gs800'), guidance_scale, temperature and clip_x0 where not the default. prediction,
+        learn_sigma and num_classes describe the model, not the sampler, and are left out."""
         parts = [self.tag]
         for option in registry.get_sampler(self.sampler).options:
             value = getattr(self, option.name)
@@ -130,6 +149,8 @@ class SamplerSpec:
             parts.append(f"smax{self.sigma_max:g}")
         if self.timestep_spacing == "karras" and self.rho != 7.0:
             parts.append(f"rho{self.rho:g}")
+        if registry.get_sampler(self.sampler).formulation == "edm" and self.sigma_min != 0.002:
+            parts.append(f"sigmin{self.sigma_min:g}")
         if self.gaussian_start_t:
             parts.append(f"gs{self.gaussian_start_t}")
         if self.guidance_scale != 1.0:
@@ -143,7 +164,7 @@ class SamplerSpec:
     def sample(
         self,
         model_fn: Callable[..., Array],
-        sch: Schedule,
+        sch: Schedule | edm.EDM,
         shape: tuple[int, ...],
         rng: Array,
         **inputs: Any,
