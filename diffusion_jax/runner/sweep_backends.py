@@ -44,13 +44,13 @@ from diffusion_jax.runner import workdir as workdir_lib
 
 Report = Callable[[str], None]
 BACKENDS = ("local", "local_parallel", "slurm")
-# Thread pools sized from these variables (numpy's BLAS, OpenMP); XLA sizes its own CPU pools
-# from the process's CPU affinity.
 # A SLURM task is signalled this long before its time limit, and then waits up to
 # _SAVE_TIMEOUT_S for its trainer's SIGTERM checkpoint before requeueing itself.
 _SIGNAL_DELAY_S = 180
 _SAVE_TIMEOUT_S = 150.0
 _POLL_S = 2.0  # how often the slurm backend looks at its jobs while waiting
+# Thread pools sized from these variables (numpy's BLAS, OpenMP); XLA sizes its own CPU pools
+# from the process's CPU affinity.
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
