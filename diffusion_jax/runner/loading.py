@@ -118,5 +118,9 @@ def load_run(
     checkpointing.require_checkpoint(workdir)
     if config is None:
         config = workdir_lib.read_config(workdir)
+        if "parallel" in config:
+            # The saved device split is the training machine's; here the state is read onto
+            # this process's devices, replicated (any checkpoint restores onto any mesh).
+            config.parallel.fsdp = 1
     setup = ModelSetup(config)
     return Run(workdir=workdir, config=config, setup=setup, state=setup.restore(workdir, step))
