@@ -24,6 +24,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import parallel
+from diffusion_jax.runner import loading
 from diffusion_jax.runner import sample as sample_mode
 from diffusion_jax.runner import train as train_mode
 from diffusion_jax.runner.setup import ModelSetup
@@ -208,6 +209,9 @@ def test_fsdp_trains_samples_and_checkpoints_like_one_device(
     np.testing.assert_array_equal(
         _samples(sample_mode.sample(tiny_config, str(workdir))), one_device_run[2]
     )
+    # The notebook API reads it with its saved config (parallel.fsdp=4) on this 1 device.
+    run = loading.load_run(str(workdir))
+    assert run.config.parallel.fsdp == 1 and run.step == 6
 
 
 def _run_two_processes(
