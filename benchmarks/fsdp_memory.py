@@ -7,9 +7,9 @@ Usage: python -m benchmarks.fsdp_memory [--config configs/imagenet64_adm.py] [--
 
 Each case (device count, batch per device, fsdp size dividing the count) runs in its own
 subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=N). The real training step
-(`runner.setup.jit_train_step` with `parallel.state_shardings`, as `ModelSetup` wires it) is
-lowered with abstract arguments (`jax.ShapeDtypeStruct`s carrying the shardings: nothing is
-allocated) and compiled; one JSON line reports
+(`runner.setup.jit_train_step` with `parallel.state_shardings` and `gather_params_fn`, as
+`ModelSetup` wires it) is lowered with abstract arguments (`jax.ShapeDtypeStruct`s carrying
+the shardings: nothing is allocated) and compiled; one JSON line reports
 
 - XLA's memory analysis of the per-device program (`compiled.memory_analysis()`): arguments
   (the state shard and batch shard a device holds), temporaries (activations, gradients,
@@ -144,6 +144,7 @@ def compile_case(config: Any, fsdp: int, batch_per_device: int) -> dict[str, Any
         config.diffusion,
         config.training.ema_decay,
         config.training.ema_warmup,
+        gather_params=parallel.gather_params_fn(mesh),
     )
     started = time.perf_counter()
     compiled = jit_train_step(step, mesh, sharding).lower(state, batch).compile()

@@ -10,8 +10,9 @@ The mesh has a 'data' axis and, when `fsdp_size > 1`, an 'fsdp' axis (fully shar
 parallelism). The batch is split over both (every device sees different rows). With an 'fsdp'
 axis, the train state (parameters, optimizer moments, EMA) is sharded along it by a rule on
 array shapes (`fsdp_partition_spec`): each device of an fsdp group holds 1/fsdp of every large
-array, and XLA all-gathers the parameters for the forward and backward passes and
-reduce-scatters the gradients. Without one, everything is replicated (plain data parallelism).
+array; the train step gathers the parameters whole where the model uses them
+(`gather_params_fn`) and XLA reduces the gradients back to the shards. Without one, everything
+is replicated (plain data parallelism).
 
 Multi-process layout: process `p` holds global batch rows `[p * b, (p + 1) * b)` with
 `b = B / num_processes` (what `data.pipeline.train_iterator` yields), so the mesh orders devices
@@ -21,7 +22,7 @@ by process index and `global_batch` checks that the rows land where the data say
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -88,6 +89,17 @@ def state_shardings(tree: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any
     return jax.tree.map(
         lambda x: NamedSharding(mesh, fsdp_partition_spec(x.shape, size, min_size)), tree
     )
+
+
+def gather_params_fn(mesh: Mesh) -> Callable[[Any], Any] | None:
+    """For `train_state.make_train_step(gather_params=...)`: on a mesh with an 'fsdp' axis,
+    constrain the parameters to be whole on every device where the model uses them, so XLA
+    all-gathers each split parameter (and reduces its gradient back to the split) instead of
+    resharding activations; None without one (the replicated program, unchanged)."""
+    if fsdp_size(mesh) == 1:
+        return None
+    replicated = replicated_sharding(mesh)
+    return lambda params: jax.lax.with_sharding_constraint(params, replicated)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

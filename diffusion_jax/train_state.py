@@ -149,11 +149,14 @@ def make_train_step(
     diffusion_config: Any,
     ema_decay: float,
     ema_warmup: str = "none",
+    gather_params: Callable[[PyTree], PyTree] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """A pure `train_step(state, batch) -> (state, metrics)` to be jitted by the caller.
 
     The EMA update of the step starting at `state.step` uses `ema_decay_at(state.step,
-    ema_decay, ema_warmup)`.
+    ema_decay, ema_warmup)`. gather_params: applied to the parameters where the model uses
+    them (`parallel.gather_params_fn`: under FSDP, gather them whole, so that the batch stays
+    split and the parameters, not the activations, travel); None = use them as they are.
 
     batch: {'image': float32 (B, H, W, C) in [-1, 1], 'label': int32 (B,)}. The loss is the mean
     over the global batch, so the same batch on 1 or N devices gives the same update.
@@ -164,6 +167,8 @@ def make_train_step(
 
     def loss_fn(params: PyTree, batch: Batch, rng: jax.Array) -> jax.Array:
         dropout_rng, loss_rng = jax.random.split(rng)
+        if gather_params is not None:
+            params = gather_params(params)
 
         def model_fn(x_t: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
             out = model.apply(

@@ -310,6 +310,7 @@ def test_the_train_state_is_replicated_without_an_fsdp_axis():
     shardings = parallel.state_shardings(tree, mesh, min_size=1)
     assert all(s == parallel.replicated_sharding(mesh) for s in jax.tree.leaves(shardings))
     assert parallel.fsdp_size(mesh) == 1
+    assert parallel.gather_params_fn(mesh) is None  # the train step is the one of before
 
 
 def test_initialize_distributed_does_nothing_without_arguments_or_a_cluster(monkeypatch):

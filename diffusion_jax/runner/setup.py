@@ -120,6 +120,7 @@ class ModelSetup:
                 self.config.diffusion,
                 self.config.training.ema_decay,
                 self.config.training.ema_warmup,
+                gather_params=parallel.gather_params_fn(self.mesh),
             ),
             self.mesh,
             self.state_sharding,
