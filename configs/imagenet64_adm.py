@@ -4,8 +4,10 @@ variances) at the 256 base channels ADM uses for its larger models: 471,875,078 
 
 Not trained in this repository: it is the pod-scale model of the FSDP memory simulation
 (`python -m benchmarks.fsdp_memory`, docs/fsdp.md). Its state (parameters, two Adam moments,
-EMA: 16 bytes per parameter) is 7.0 GiB before gradients and activations, so on 16 GiB chips it
-trains with `--config.parallel.fsdp=8` or more. Prepare the data once (needs TensorFlow):
+EMA: 16 bytes per parameter) is 7.0 GiB before gradients and activations; split 8 ways
+(`parallel.fsdp=8`, set below) a 16 GiB chip takes about 14 images instead of 7 (XLA's memory
+analysis). On fewer than 8 devices pass `--config.parallel.fsdp=1` (or a divisor of the device
+count). Prepare the data once (needs TensorFlow):
     pip install tensorflow && tfds build imagenet_resized/64x64 --file_format=array_record
 (ImageNet's archives must be downloaded by hand first; see the TFDS catalog.)
 """
