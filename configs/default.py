@@ -81,6 +81,15 @@ def get_config() -> ml_collections.ConfigDict:
     training.debug_nan_steps = ()
     training.debug_sleep_after_save = 0.0
 
+    # How devices split the work (docs/fsdp.md). Devices along the 'fsdp' axis hold 1/fsdp of
+    # the parameters, Adam moments and EMA each (fully sharded data parallelism); the rest form
+    # the 'data' axis. 1 = everything replicated (plain data parallelism). The global batch is
+    # split over all devices either way. Free to change on resume: checkpoints restore onto
+    # any mesh.
+    config.parallel = par = ml_collections.ConfigDict()
+    par.fsdp = 1  # must divide the device count
+    par.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated
+
     config.sampling = sampling = ml_collections.ConfigDict()
     # 'ddpm' | 'ddim' | 'dpm_solver++' | 'heun' | ...; edm runs: 'edm_heun' | 'edm_euler' |
     # 'edm_stochastic' | 'edm_dpm_solver++' (docs/samplers.md, docs/edm.md)

@@ -331,9 +331,15 @@ def all_finite(tree: PyTree) -> bool:
     return bool(_all_finite(tree))
 
 
-def abstract_like(tree: PyTree, sharding: jax.sharding.Sharding) -> PyTree:
-    """ShapeDtypeStructs of `tree` placed with `sharding`: restores onto any device count."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_like(tree: PyTree, sharding: jax.sharding.Sharding | PyTree) -> PyTree:
+    """ShapeDtypeStructs of `tree` placed with `sharding` (one sharding for every leaf, or a
+    pytree of shardings matching `tree`, e.g. `parallel.state_shardings`): restoring into them
+    reads a checkpoint onto any mesh, whatever mesh wrote it."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, tree)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding
+    )
 
 
 def _first_line(error: BaseException) -> str:

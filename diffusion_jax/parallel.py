@@ -6,9 +6,13 @@ runs on one CPU, several local devices (GPUs, or fake CPU devices via
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`) and many processes (a TPU pod, a SLURM
 job), once `initialize_distributed` has joined the processes.
 
-The mesh has a 'data' axis and, when `fsdp_size > 1`, an 'fsdp' axis. The batch is split over
-both (in FSDP every device sees different rows); parameters are still replicated, so today an
-'fsdp' axis behaves as more data parallelism. It is the place to shard parameters later.
+The mesh has a 'data' axis and, when `fsdp_size > 1`, an 'fsdp' axis (fully sharded data
+parallelism). The batch is split over both (every device sees different rows). With an 'fsdp'
+axis, the train state (parameters, optimizer moments, EMA) is sharded along it by a rule on
+array shapes (`fsdp_partition_spec`): each device of an fsdp group holds 1/fsdp of every large
+array; the train step gathers the parameters whole where the model uses them
+(`gather_params_fn`) and XLA reduces the gradients back to the shards. Without one, everything
+is replicated (plain data parallelism).
 
 Multi-process layout: process `p` holds global batch rows `[p * b, (p + 1) * b)` with
 `b = B / num_processes` (what `data.pipeline.train_iterator` yields), so the mesh orders devices
@@ -18,7 +22,7 @@ by process index and `global_batch` checks that the rows land where the data say
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -45,6 +49,57 @@ def create_mesh(devices: Sequence[jax.Device] | None = None, *, fsdp_size: int =
         return Mesh(np.asarray(devices), (DATA_AXIS,))
     grid = np.asarray(devices).reshape(len(devices) // fsdp_size, fsdp_size)
     return Mesh(grid, (DATA_AXIS, FSDP_AXIS))
+
+
+# Arrays with fewer elements than this stay replicated under FSDP (biases, norm scales, small
+# kernels): sharding them saves little memory and costs one collective each.
+FSDP_MIN_SIZE = 2**14
+
+
+def fsdp_size(mesh: Mesh) -> int:
+    """The size of the mesh's 'fsdp' axis (1 without one)."""
+    return int(dict(mesh.shape).get(FSDP_AXIS, 1))
+
+
+def fsdp_partition_spec(
+    shape: Sequence[int], fsdp: int, min_size: int = FSDP_MIN_SIZE
+) -> PartitionSpec:
+    """How an array of `shape` is split over an 'fsdp' axis of size `fsdp`.
+
+    Its largest dimension divisible by `fsdp` (the last of equals: a kernel's output features)
+    is split; arrays with fewer than `min_size` elements, with no divisible dimension, or
+    `fsdp == 1` are replicated (`PartitionSpec()`).
+    E.g. fsdp=4: (3, 3, 128, 256) -> P(None, None, None, 'fsdp'); (256,) -> P() (small).
+    """
+    if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    candidates = [i for i, n in enumerate(shape) if n % fsdp == 0 and n >= fsdp]
+    if not candidates:
+        return PartitionSpec()
+    axis = max(candidates, key=lambda i: (shape[i], i))
+    return PartitionSpec(*([None] * axis), FSDP_AXIS)
+
+
+def state_shardings(tree: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
+    """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs, e.g. a TrainState
+    or its `jax.eval_shape`): `fsdp_partition_spec` of the leaf's shape on `mesh`, so
+    parameters, their Adam moments and their EMA are split alike; all replicated on a mesh
+    without an 'fsdp' axis."""
+    size = fsdp_size(mesh)
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, fsdp_partition_spec(x.shape, size, min_size)), tree
+    )
+
+
+def gather_params_fn(mesh: Mesh) -> Callable[[Any], Any] | None:
+    """For `train_state.make_train_step(gather_params=...)`: on a mesh with an 'fsdp' axis,
+    constrain the parameters to be whole on every device where the model uses them, so XLA
+    all-gathers each split parameter (and reduces its gradient back to the split) instead of
+    resharding activations; None without one (the replicated program, unchanged)."""
+    if fsdp_size(mesh) == 1:
+        return None
+    replicated = replicated_sharding(mesh)
+    return lambda params: jax.lax.with_sharding_constraint(params, replicated)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

@@ -157,6 +157,7 @@ def make_train_step(
     ema_decay: float,
     ema_warmup: str = "none",
     posthoc_gammas: tuple[float, ...] = (),
+    gather_params: Callable[[PyTree], PyTree] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """A pure `train_step(state, batch) -> (state, metrics)` to be jitted by the caller.
 
@@ -166,7 +167,9 @@ def make_train_step(
     unchanged parameters, so they stay the exact power-function averages of the parameter
     sequence. diffusion_config's `formulation` picks the loss: 'ddpm' (default)
     `diffusion.training_loss` on `schedule`; 'edm' `edm.EDM.training_loss` (the schedule is
-    then unused).
+    then unused). gather_params: applied to the parameters where the model uses
+    them (`parallel.gather_params_fn`: under FSDP, gather them whole, so that the batch stays
+    split and the parameters, not the activations, travel); None = use them as they are.
 
     batch: {'image': float32 (B, H, W, C) in [-1, 1], 'label': int32 (B,)}. The loss is the mean
     over the global batch, so the same batch on 1 or N devices gives the same update.
@@ -180,6 +183,8 @@ def make_train_step(
 
     def loss_fn(params: PyTree, batch: Batch, rng: jax.Array) -> jax.Array:
         dropout_rng, loss_rng = jax.random.split(rng)
+        if gather_params is not None:
+            params = gather_params(params)
 
         def model_fn(x_t: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
             out = model.apply(

@@ -39,7 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.runner import cli, evaluate, sweep_backends, sweeps, train, validation
+from diffusion_jax.runner import cli, evaluate, setup, sweep_backends, sweeps, train, validation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _SWEEP = flags.DEFINE_string("sweep", None, "Python file whose get_sweep() returns the points.")
@@ -129,8 +129,11 @@ def main(argv: list[str]) -> None:
         # Every section the points will use, so a bad value stops the sweep before any training.
         validators = (*train.VALIDATORS, *((evaluate.check_eval,) if _EVAL.value else ()))
         for name, point_config in zip(names, resolved, strict=True):
+            # The points run elsewhere (subprocesses, a cluster): check them for the smallest
+            # device count they accept, one fsdp group.
+            num_devices = max(1, setup.fsdp_settings(point_config)[0])
             try:
-                validation.validate(point_config, 1, validators)
+                validation.validate(point_config, num_devices, validators)
             except ConfigError as error:
                 raise sweeps.SweepError(f"point {name}: {error}") from None
     except sweeps.SweepError as error:

@@ -8,7 +8,7 @@ import json
 import ml_collections
 import pytest
 
-from configs import cifar10_ddpm, digits
+from configs import cifar10_ddpm, digits, imagenet64_adm
 from diffusion_jax import train_state
 from diffusion_jax.models.unet import count_params
 from diffusion_jax.runner.validation import (
@@ -91,6 +91,8 @@ BAD_VALUES = [
     ("sampling.rho", -1.0, "rho must be a finite number > 0"),
     ("sampling.gaussian_start_t", 1000, r"gaussian_start_t must be an integer in \[0, 999\]"),
     ("sampling.gaussian_start_t", 10, "num_steps=20 exceeds the 11 timesteps"),
+    ("parallel.fsdp", 0, r"parallel\.fsdp=0 does not divide the 1 devices"),
+    ("parallel.fsdp_min_size", -1, r"parallel\.fsdp_min_size=-1; use an integer >= 0"),
 ]
 
 
@@ -114,6 +116,25 @@ def test_a_training_batch_that_does_not_divide_over_the_devices_is_refused_namin
         validate_config(config, num_devices=8)
     config.training.batch_size = 16
     validate_config(config, num_devices=8)
+
+
+def test_an_fsdp_size_that_does_not_divide_the_devices_is_refused_naming_the_fix():
+    config = digits.get_config()
+    config.parallel.fsdp = 3
+    message = r"parallel\.fsdp=3 does not divide the 8 devices; use a divisor of 8"
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config, num_devices=8)
+    config.parallel.fsdp = 4  # the other 2 form the 'data' axis
+    validate_config(config, num_devices=8)
+
+
+def test_imagenet64_adm_config_builds_a_472m_parameter_model_sharded_over_8_devices():
+    config = imagenet64_adm.get_config()
+    model = train_state.create_model(config.model, num_classes=1000)
+    assert count_params(model, (64, 64, 3)) == 471_875_078
+    validate_config(config, num_devices=64)
+    with pytest.raises(ConfigError, match=r"parallel\.fsdp=8 does not divide the 4 devices"):
+        validate_config(config, num_devices=4)
 
 
 @pytest.mark.parametrize("batch_size", [4, 500])

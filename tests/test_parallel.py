@@ -7,6 +7,7 @@ two processes joined by `jax.distributed` on localhost (2 CPU devices each) for 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -20,10 +21,13 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import parallel
+from diffusion_jax.runner import loading
 from diffusion_jax.runner import sample as sample_mode
 from diffusion_jax.runner import train as train_mode
+from diffusion_jax.runner.setup import ModelSetup
 from diffusion_jax.runner.workdir import read_metrics
 from tests.conftest import COMPILATION_CACHE_ENV, TINY_OVERRIDES
 from tests.distributed_worker import flat_params
@@ -140,6 +144,76 @@ def test_checkpoint_saved_on_eight_devices_resumes_on_one_like_the_one_device_ru
     _assert_params_close(resumed["eight"], resumed["one"])
 
 
+@pytest.fixture(scope="module")
+def fsdp_runs(digits_data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny config trained and sampled (batch 8) in one subprocess with 8 CPU devices, with
+    parallel.fsdp=8 (mesh data=1 x fsdp=8) and parallel.fsdp=4 (data=2 x fsdp=4); arrays of
+    1024 elements or more are split along 'fsdp' (biases and norm scales stay replicated).
+    {fsdp: (workdir, info, params, samples)}."""
+    root = tmp_path_factory.mktemp("fsdp")
+    workdir, out = root / "runs", root / "out"
+    result = subprocess.run(
+        [*WORKER, f"--workdir={workdir}", f"--data_dir={digits_data_dir}", f"--out={out}"]
+        + ["--sample", "--set", "sampling.batch_size=8", "parallel.fsdp_min_size=1024"]
+        + ["--fsdp", "8", "4"],
+        cwd=REPO,
+        env=_worker_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {
+        fsdp: (
+            workdir / f"fsdp{fsdp}",
+            json.loads((out / f"info_fsdp{fsdp}.json").read_text()),
+            dict(np.load(out / f"params_fsdp{fsdp}.npz")),
+            _samples(out / f"samples_fsdp{fsdp}.npz"),
+        )
+        for fsdp in (8, 4)
+    }
+
+
+@pytest.mark.slow  # an 8-device subprocess
+def test_fsdp_trains_samples_and_checkpoints_like_one_device(
+    one_device_run, fsdp_runs, tiny_config, tmp_path
+):
+    # Every parameter of 1024+ elements has a dimension divisible by 8 (channels).
+    large = sum(value.size >= 1024 for value in one_device_run[1].values())
+    assert 0 < large < len(one_device_run[1])
+    for fsdp, (workdir, info, params, samples) in fsdp_runs.items():
+        # The state really is split: each large parameter, its two Adam moments and its EMA
+        # live 1/fsdp per device; small arrays and scalars stay replicated.
+        assert info["mesh"] == {"data": 8 // fsdp, "fsdp": fsdp}
+        assert (info["num_sharded"], info["sharded_ema"], info["sharded_opt"]) == (
+            4 * large,
+            large,
+            2 * large,
+        ), info
+        # Same losses and parameters after 6 steps as on 1 device, to float32 rounding.
+        np.testing.assert_allclose(_losses(workdir), _losses(one_device_run[0]), rtol=1e-5)
+        _assert_params_close(params, one_device_run[1])
+        # Fixed-seed samples identical to the 1-device run's.
+        np.testing.assert_array_equal(samples, one_device_run[2])
+
+    # A checkpoint written under data=2 x fsdp=4 restores on 1 device, bit for bit.
+    workdir = tmp_path / "run"
+    shutil.copytree(fsdp_runs[4][0], workdir)
+    state = ModelSetup(tiny_config).restore(str(workdir))
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
+    restored = flat_params(state.params)
+    assert restored.keys() == fsdp_runs[4][2].keys()
+    for key, value in restored.items():
+        np.testing.assert_array_equal(value, fsdp_runs[4][2][key], err_msg=key)
+    shutil.rmtree(workdir / "samples")
+    np.testing.assert_array_equal(
+        _samples(sample_mode.sample(tiny_config, str(workdir))), one_device_run[2]
+    )
+    # The notebook API reads it with its saved config (parallel.fsdp=4) on this 1 device.
+    run = loading.load_run(str(workdir))
+    assert run.config.parallel.fsdp == 1 and run.step == 6
+
+
 def _run_two_processes(
     command: Callable[[int], list[str]], env: dict[str, str]
 ) -> tuple[list[subprocess.Popen], list[str]]:
@@ -211,6 +285,32 @@ def test_mesh_refuses_an_fsdp_size_that_does_not_divide_the_devices():
     assert parallel.create_mesh().axis_names == (parallel.DATA_AXIS,)
     with pytest.raises(ValueError, match="fsdp_size 3"):
         parallel.create_mesh(jax.devices() * 2, fsdp_size=3)
+
+
+@pytest.mark.parametrize(
+    "shape, fsdp, spec",
+    [
+        ((3, 3, 128, 256), 4, P(None, None, None, "fsdp")),  # the largest divisible dimension
+        ((3, 3, 256, 96), 64, P(None, None, "fsdp")),  # 96 is not divisible by 64
+        ((512, 512), 8, P(None, "fsdp")),  # equal sizes: the last (output features)
+        ((1000, 256), 16, P(None, "fsdp")),  # only 256 divides by 16
+        ((4096, 1000), 8, P("fsdp")),  # both divide: the larger
+        ((1000, 255), 16, P()),  # no dimension divides by 16: replicated
+        ((256,), 4, P()),  # below the size threshold: replicated
+        ((3, 3, 128, 256), 1, P()),  # fsdp=1: replicated
+    ],
+)
+def test_fsdp_splits_the_largest_divisible_dimension_of_large_arrays(shape, fsdp, spec):
+    assert parallel.fsdp_partition_spec(shape, fsdp, min_size=2**14) == spec
+
+
+def test_the_train_state_is_replicated_without_an_fsdp_axis():
+    mesh = parallel.create_mesh()
+    tree = {"kernel": jax.ShapeDtypeStruct((3, 3, 256, 256), np.float32), "count": np.int32(0)}
+    shardings = parallel.state_shardings(tree, mesh, min_size=1)
+    assert all(s == parallel.replicated_sharding(mesh) for s in jax.tree.leaves(shardings))
+    assert parallel.fsdp_size(mesh) == 1
+    assert parallel.gather_params_fn(mesh) is None  # the train step is the one of before
 
 
 def test_initialize_distributed_does_nothing_without_arguments_or_a_cluster(monkeypatch):

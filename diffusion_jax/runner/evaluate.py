@@ -490,6 +490,7 @@ def _bits_per_dim(config: ml_collections.ConfigDict, setup: ModelSetup, params: 
     rng = parallel.host_to_global(
         np.asarray(jax.random.PRNGKey(config.sampling.seed)), setup.replicated
     )
+    params = jax.device_put(params, setup.replicated)  # gathered once if split along 'fsdp'
     totals = []
     size = generate.device_batch_size(e.bpd_batch_size, setup.mesh.size)
     for start in range(0, len(images), size):

@@ -82,9 +82,10 @@ def make_sample_fn(
 
     data_gaussian: the data's Gaussian model for `spec.gaussian_start_t` (passed to the
     compiled sampler as a replicated argument, not embedded in it).
-    The batch axis is sharded over the mesh; params (replicated on the mesh) and rng (uint32
-    (2,) key data) are replicated. rng, ids and labels may be numpy values that every process
-    holds whole; the output is a global array (see `parallel.to_host`).
+    The batch axis is sharded over the mesh; params (gathered onto every device if they are
+    split along 'fsdp') and rng (uint32 (2,) key data) are replicated. rng, ids and labels may
+    be numpy values that every process holds whole; the output is a global array (see
+    `parallel.to_host`).
     """
     parallel.check_divisible_batch(batch_size, mesh, "sampling.batch_size")
 
@@ -130,8 +131,10 @@ def make_sample_fn(
     ) -> jax.Array:
         # Host values (numpy, or arrays on one device) are the same global value on every
         # process; make them global arrays explicitly, which jit cannot do across processes.
+        # Parameters split along 'fsdp' (a train state's EMA) are gathered once here, not at
+        # every step of the sampler; replicated ones are passed through as they are.
         return jitted(
-            params,
+            jax.device_put(params, replicated),
             _as_global(rng, replicated),
             _as_global(sample_ids, batch),
             None if labels is None else _as_global(labels, batch),

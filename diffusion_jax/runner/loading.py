@@ -158,6 +158,10 @@ def load_run(
     ema_snapshots.require_params(workdir, params)
     if config is None:
         config = workdir_lib.read_config(workdir)
+        if "parallel" in config:
+            # The saved device split is the training machine's; here the state is read onto
+            # this process's devices, replicated (any checkpoint restores onto any mesh).
+            config.parallel.fsdp = 1
     setup = ModelSetup(config)
     state = setup.restore(workdir, step)
     sampling_params = None

@@ -1,6 +1,7 @@
 """What a config fixes before any checkpoint is read: dataset info, model, schedule, optimizer
-and the shape (with shardings) of the train state, on a mesh over all devices; and the restore
-of a checkpoint into it. Every mode that builds the model starts here.
+and the shape (with shardings) of the train state, on a mesh over all devices (`data` x
+`fsdp`, `parallel.fsdp`); and the restore of a checkpoint into it. Every mode that builds the
+model starts here.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class ModelSetup:
 
     def __init__(self, config: ml_collections.ConfigDict) -> None:
         self.config = config
-        self.mesh = parallel.create_mesh()
+        fsdp, min_size = fsdp_settings(config)
+        self.mesh = parallel.create_mesh(fsdp_size=fsdp)
         try:
             self.info = pipeline.dataset_info(config.data)
         except DatasetNotPreparedError:
@@ -70,20 +72,24 @@ class ModelSetup:
             posthoc_ema.sigma_rel_to_gamma(s) for s in self.posthoc_sigma_rels
         )
         self.replicated = parallel.replicated_sharding(self.mesh)
-        self.init_state = jax.jit(
-            lambda rng: train_state.init_train_state(
+
+        def init(rng: jax.Array) -> train_state.TrainState:
+            return train_state.init_train_state(
                 self.model,
                 self.optimizer,
                 rng,
                 image_shape=self.image_shape,
                 num_posthoc_emas=len(self.posthoc_gammas),
-            ),
-            out_shardings=self.replicated,
-        )
+            )
+
+        shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+        # Where each array of the train state lives: replicated, or split along 'fsdp'
+        # (`parallel.state_shardings`); the train step, init and restore all use it.
+        self.state_sharding = parallel.state_shardings(shapes, self.mesh, min_size)
+        self.init_state = jax.jit(init, out_shardings=self.state_sharding)
         self._data_gaussian: DataGaussian | None = None  # `data_gaussian`, once read or fitted
-        self.abstract_state = checkpointing.abstract_like(
-            jax.eval_shape(self.init_state, jax.random.PRNGKey(0)), self.replicated
-        )
+        # Restores onto this mesh whatever mesh the checkpoint was written from.
+        self.abstract_state = checkpointing.abstract_like(shapes, self.state_sharding)
 
     def restore(self, workdir: str, step: int | None = None) -> train_state.TrainState:
         """The train state at `step` (default: the latest readable checkpoint), read-only.
@@ -166,8 +172,10 @@ class ModelSetup:
                 self.config.training.ema_decay,
                 self.config.training.ema_warmup,
                 self.posthoc_gammas,
+                gather_params=parallel.gather_params_fn(self.mesh),
             ),
             self.mesh,
+            self.state_sharding,
         )
 
     def sample_fn(
@@ -231,14 +239,23 @@ class ModelSetup:
         )
 
 
-def jit_train_step(step: Any, mesh: Mesh) -> Any:
-    """`train_state.make_train_step(...)` jitted as the training loop runs it: the state
-    replicated on `mesh`, the batch sharded over it, the old state's buffers donated. Tests and
-    benchmarks use this too, so they measure the step that trains."""
+def fsdp_settings(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(parallel.fsdp, parallel.fsdp_min_size) of `config`; (1, default) for a config saved
+    before the `parallel` section existed."""
+    section = config.get("parallel") or {}
+    return int(section.get("fsdp", 1)), int(section.get("fsdp_min_size", parallel.FSDP_MIN_SIZE))
+
+
+def jit_train_step(step: Any, mesh: Mesh, state_sharding: Any = None) -> Any:
+    """`train_state.make_train_step(...)` jitted as the training loop runs it: the state placed
+    by `state_sharding` (a sharding pytree of the state, `parallel.state_shardings`; default:
+    replicated on `mesh`), the batch sharded over the mesh, the old state's buffers donated.
+    Tests and benchmarks use this too, so they measure the step that trains."""
     replicated = parallel.replicated_sharding(mesh)
+    state_sharding = replicated if state_sharding is None else state_sharding
     return jax.jit(
         step,
-        in_shardings=(replicated, parallel.batch_sharding(mesh)),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated),
         donate_argnums=0,
     )

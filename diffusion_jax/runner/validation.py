@@ -3,8 +3,9 @@
 Each config section is checked by the code that owns it: the U-Net by `models.unet`, the
 schedule by `schedules`, the sampler options by `samplers.SamplerSpec`, `eval.*` by
 `runner.evaluate`, `edit.*` by `runner.edit`. This module holds the checks of the sections the
-runner itself owns (`data`, `training`, the device split) and `validate`, which a mode calls
-with the validators of the sections it uses, before loading data or compiling anything.
+runner itself owns (`data`, `training`, `parallel`, the device split) and `validate`, which a
+mode calls with the validators of the sections it uses, before loading data or compiling
+anything.
 Unknown keys and wrong types are already refused by ml_collections when a `--config.x.y=`
 override is parsed, since config files return locked, typed ConfigDicts.
 """
@@ -306,8 +307,22 @@ def check_sampling(config: ml_collections.ConfigDict, num_devices: int) -> None:
     ema_snapshots.parse_params(s.get("params", "ema"))
 
 
-# The sections every mode that builds the model checks.
-MODEL_VALIDATORS: tuple[Validator, ...] = (check_data, check_model, check_diffusion)
+def check_parallel(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """`parallel.*`: an fsdp size that divides the devices (the rest form the 'data' axis).
+    A config saved before the section existed means fsdp=1."""
+    section = config.get("parallel") or {}
+    fsdp, min_size = section.get("fsdp", 1), section.get("fsdp_min_size", 0)
+    if not is_int(fsdp) or fsdp < 1 or num_devices % fsdp:
+        raise ConfigError(
+            f"parallel.fsdp={fsdp!r} does not divide the {num_devices} devices; use a divisor "
+            f"of {num_devices} (1 = no parameter sharding)"
+        )
+    if not is_int(min_size) or min_size < 0:
+        raise ConfigError(f"parallel.fsdp_min_size={min_size!r}; use an integer >= 0")
+
+
+# The sections every mode that builds the model checks (the mesh included).
+MODEL_VALIDATORS: tuple[Validator, ...] = (check_data, check_model, check_diffusion, check_parallel)
 # The sections a training run uses (the sampling section draws the training grids).
 TRAINING_VALIDATORS: tuple[Validator, ...] = (*MODEL_VALIDATORS, check_training, check_sampling)
 
