@@ -264,8 +264,9 @@ def test_rerun_skips_finished_points_and_resumes_an_interrupted_one(
     assert table[1]["dpm20/fd"] == ""
 
 
-@pytest.mark.slow
-def test_a_failing_point_is_reported_the_sweep_goes_on_and_exits_nonzero(tmp_path):
+def _failing_sweep(tmp_path):
+    """A 2-point sweep whose points fail within seconds, compiling nothing: files stand where
+    their workdirs go. Returns (sweep file, sweep directory)."""
     sweep_file = _write_sweep(
         tmp_path,
         """
@@ -275,11 +276,16 @@ def test_a_failing_point_is_reported_the_sweep_goes_on_and_exits_nonzero(tmp_pat
             return sweep("seed", [0, 1])
         """,
     )
-    # Files where the points' workdirs go: each point fails within seconds, compiling nothing.
     workdir = tmp_path / "runs"
     workdir.mkdir()
     (workdir / "seed=0").write_text("")
     (workdir / "seed=1").write_text("")
+    return sweep_file, workdir
+
+
+@pytest.mark.slow
+def test_a_failing_point_is_reported_the_sweep_goes_on_and_exits_nonzero(tmp_path):
+    sweep_file, workdir = _failing_sweep(tmp_path)
     result = _run_sweep(sweep_file, workdir)
 
     assert result.returncode == 1
@@ -339,20 +345,7 @@ def test_slurm_backend_through_submitits_local_executor_ends_with_the_local_resu
 
 @pytest.mark.slow
 def test_failing_points_in_local_parallel_are_reported_with_their_logs(tmp_path):
-    sweep_file = _write_sweep(
-        tmp_path,
-        """
-        from diffusion_jax.runner.sweeps import sweep
-
-        def get_sweep():
-            return sweep("seed", [0, 1])
-        """,
-    )
-    # Files where the points' workdirs go: each point fails within seconds, compiling nothing.
-    workdir = tmp_path / "runs"
-    workdir.mkdir()
-    (workdir / "seed=0").write_text("")
-    (workdir / "seed=1").write_text("")
+    sweep_file, workdir = _failing_sweep(tmp_path)
     result = _run_sweep(sweep_file, workdir, "--backend=local_parallel", "--max_parallel=2")
 
     assert result.returncode == 1
