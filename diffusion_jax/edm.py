@@ -37,6 +37,11 @@ from diffusion_jax.values import is_real
 Array = jax.Array
 
 FORMULATIONS = ("ddpm", "edm")
+# Karras et al.'s noise-level grid: sigma from SIGMA_MAX down to SIGMA_MIN with exponent RHO.
+# The default of every sampler signature, SamplerSpec field and name part that takes them.
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+RHO = 7.0
 
 # The U-Net's time input is NOISE_INPUT_SCALE * c_noise. Its sinusoidal embedding has
 # frequencies 1 down to 1e-4 (`models.unet.timestep_embedding`), made for integer timesteps in
@@ -166,7 +171,7 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
 
 def log_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
     """float64 (N,) geometric from sigma_max to sigma_min (uniform in log-SNR)."""
-    check_sigma_range(sigma_min, sigma_max, 7.0)
+    check_sigma_range(sigma_min, sigma_max, RHO)
     if num_steps == 1:
         return np.array([float(sigma_max)])
     return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_steps))

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_jax import edm
 from diffusion_jax.values import is_int, is_real
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing", "quadratic", "karras", "logsnr")
@@ -28,8 +29,8 @@ def validate_timesteps(
     num_steps: int,
     spacing: str = "linspace",
     *,
-    sigma_max: Any = 80.0,
-    rho: Any = 7.0,
+    sigma_max: Any = edm.SIGMA_MAX,
+    rho: Any = edm.RHO,
 ) -> None:
     """Raise ValueError naming the allowed values for a bad spacing, T, N, sigma_max or rho."""
     if spacing not in TIMESTEP_SPACINGS:
@@ -92,8 +93,8 @@ def get_timesteps(
     spacing: str = "linspace",
     *,
     alphas_cumprod: np.ndarray | None = None,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
+    sigma_max: float = edm.SIGMA_MAX,
+    rho: float = edm.RHO,
 ) -> np.ndarray:
     """The N = num_steps integer timesteps a sampler visits: int64 (N,), strictly decreasing.
 

@@ -40,10 +40,10 @@ class SamplerSpec:
     num_classes: int | None = None
     learn_sigma: bool = False
     lower_order_final: bool = True
-    sigma_max: float = 80.0
-    rho: float = 7.0
+    sigma_max: float = edm.SIGMA_MAX
+    rho: float = edm.RHO
     gaussian_start_t: int = 0
-    sigma_min: float = 0.002
+    sigma_min: float = edm.SIGMA_MIN
     s_churn: float = 0.0
     s_min: float = 0.0
     s_max: float = float("inf")
@@ -69,10 +69,10 @@ class SamplerSpec:
             learn_sigma=bool(config.model.get("learn_sigma", False)),
             lower_order_final=bool(s.get("lower_order_final", True)),
             # .get: configs saved before these keys existed.
-            sigma_max=s.get("sigma_max", 80.0),
-            rho=s.get("rho", 7.0),
+            sigma_max=s.get("sigma_max", edm.SIGMA_MAX),
+            rho=s.get("rho", edm.RHO),
             gaussian_start_t=s.get("gaussian_start_t", 0),
-            sigma_min=s.get("sigma_min", 0.002),
+            sigma_min=s.get("sigma_min", edm.SIGMA_MIN),
             s_churn=s.get("s_churn", 0.0),
             s_min=s.get("s_min", 0.0),
             s_max=s.get("s_max", float("inf")),
@@ -145,11 +145,12 @@ class SamplerSpec:
                 parts.append(option.label(value))
         if self.timestep_spacing != "linspace":
             parts.append(self.timestep_spacing)
-        if self.timestep_spacing in SIGMA_SPACINGS and self.sigma_max != 80.0:
+        if self.timestep_spacing in SIGMA_SPACINGS and self.sigma_max != edm.SIGMA_MAX:
             parts.append(f"smax{self.sigma_max:g}")
-        if self.timestep_spacing == "karras" and self.rho != 7.0:
+        if self.timestep_spacing == "karras" and self.rho != edm.RHO:
             parts.append(f"rho{self.rho:g}")
-        if registry.get_sampler(self.sampler).formulation == "edm" and self.sigma_min != 0.002:
+        is_edm = registry.get_sampler(self.sampler).formulation == "edm"
+        if is_edm and self.sigma_min != edm.SIGMA_MIN:
             parts.append(f"sigmin{self.sigma_min:g}")
         if self.gaussian_start_t:
             parts.append(f"gs{self.gaussian_start_t}")
