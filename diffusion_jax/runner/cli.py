@@ -8,6 +8,7 @@ import os
 import runpy
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -149,7 +150,13 @@ def drop_closed_event_loop_reports() -> None:
     """When one write of an orbax save fails (a full disk), orbax closes its event loop while
     tensorstore completes the other writes; each completion reports `RuntimeError: Event loop
     is closed` as an unraisable exception, a traceback each (hundreds). Drop just those; the
-    save's failure is reported once, as an `error:` line."""
+    save's failure is reported once, as an `error:` line. A write that never started is
+    reported at exit as a never-awaited coroutine warning (timing-dependent); drop that too."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"coroutine 'async_serialize_from_host\.<locals>\.write_fragment'",
+        category=RuntimeWarning,
+    )
     previous = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
