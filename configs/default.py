@@ -90,6 +90,13 @@ def get_config() -> ml_collections.ConfigDict:
     par.fsdp = 1  # must divide the device count
     par.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated
 
+    # Which ops XLA:CPU hands to the YNNPACK library in the runner's jits: a comma-separated
+    # subset of 'dot', 'convolution', 'reduce'; '' for none (XLA's own Eigen kernels and loops);
+    # 'jax' for jax's default (all three). Chosen per config by measurement
+    # (`benchmarks.ynnpack_ops`, docs/performance.md); rounding-level only; ignored off CPU.
+    config.xla = xla = ml_collections.ConfigDict()
+    xla.cpu_ynnpack_ops = "dot,reduce"
+
     config.sampling = sampling = ml_collections.ConfigDict()
     # 'ddpm' | 'ddim' | 'dpm_solver++' | 'heun' | ...; edm runs: 'edm_heun' | 'edm_euler' |
     # 'edm_stochastic' | 'edm_dpm_solver++' (docs/samplers.md, docs/edm.md)

@@ -77,6 +77,7 @@ def make_sample_fn(
     batch_size: int,
     mesh: Mesh,
     data_gaussian: DataGaussian | None = None,
+    compiler_options: dict[str, Any] | None = None,
 ) -> SampleFn:
     """`fn(params, rng, sample_ids (B,), labels (B,) | None) -> (B, H, W, C) float32`, jitted.
 
@@ -85,7 +86,7 @@ def make_sample_fn(
     The batch axis is sharded over the mesh; params (gathered onto every device if they are
     split along 'fsdp') and rng (uint32 (2,) key data) are replicated. rng, ids and labels may
     be numpy values that every process holds whole; the output is a global array (see
-    `parallel.to_host`).
+    `parallel.to_host`). compiler_options: passed to jit (`xla_options.compiler_options`).
     """
     parallel.check_divisible_batch(batch_size, mesh, "sampling.batch_size")
 
@@ -117,6 +118,7 @@ def make_sample_fn(
         generate,
         in_shardings=(replicated, replicated, batch, batch, replicated),
         out_shardings=batch,
+        compiler_options=compiler_options,
     )
     gaussian = None
     if data_gaussian is not None:

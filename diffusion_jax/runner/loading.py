@@ -11,6 +11,7 @@ from; the sample and eval modes, which shard their sampling over devices, use it
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, cast
 
 import jax
@@ -19,7 +20,7 @@ import numpy as np
 
 from diffusion_jax import checkpointing, diffusion, samplers, schedules, train_state
 from diffusion_jax.data_gaussian import DataGaussian
-from diffusion_jax.runner import ema_snapshots
+from diffusion_jax.runner import ema_snapshots, xla_options
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
@@ -115,7 +116,7 @@ class Run:
         shapes reuse the compiled program (jit retraces by itself for new shapes)."""
         setup = self.setup
 
-        @jax.jit
+        @functools.partial(jax.jit, compiler_options=xla_options.compiler_options(setup.config))
         def generate(
             params: PyTree,
             rng: jax.Array,

@@ -28,7 +28,7 @@ from diffusion_jax.data import pipeline
 from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.errors import ConfigError, DatasetNotPreparedError, NoCheckpointError
 from diffusion_jax.models.unet import UNet
-from diffusion_jax.runner import ema_snapshots, generate, validation
+from diffusion_jax.runner import ema_snapshots, generate, validation, xla_options
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.validation import validate_against_dataset
 
@@ -176,6 +176,7 @@ class ModelSetup:
             ),
             self.mesh,
             self.state_sharding,
+            xla_options.compiler_options(self.config),
         )
 
     def sample_fn(
@@ -196,6 +197,7 @@ class ModelSetup:
             batch_size,
             self.mesh,
             data_gaussian=self.data_gaussian(workdir) if spec.gaussian_start_t else None,
+            compiler_options=xla_options.compiler_options(self.config),
         )
 
     def data_gaussian(self, workdir: str | None = None) -> DataGaussian:
@@ -246,10 +248,13 @@ def fsdp_settings(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return int(section.get("fsdp", 1)), int(section.get("fsdp_min_size", parallel.FSDP_MIN_SIZE))
 
 
-def jit_train_step(step: Any, mesh: Mesh, state_sharding: Any = None) -> Any:
+def jit_train_step(
+    step: Any, mesh: Mesh, state_sharding: Any = None, compiler_options: Any = None
+) -> Any:
     """`train_state.make_train_step(...)` jitted as the training loop runs it: the state placed
     by `state_sharding` (a sharding pytree of the state, `parallel.state_shardings`; default:
-    replicated on `mesh`), the batch sharded over the mesh, the old state's buffers donated.
+    replicated on `mesh`), the batch sharded over the mesh, the old state's buffers donated,
+    compiled with `compiler_options` (`xla_options.compiler_options(config)`).
     Tests and benchmarks use this too, so they measure the step that trains."""
     replicated = parallel.replicated_sharding(mesh)
     state_sharding = replicated if state_sharding is None else state_sharding
@@ -258,4 +263,5 @@ def jit_train_step(step: Any, mesh: Mesh, state_sharding: Any = None) -> Any:
         in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0,
+        compiler_options=compiler_options,
     )

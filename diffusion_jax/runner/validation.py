@@ -25,7 +25,7 @@ from absl import logging
 from diffusion_jax import diffusion, edm, posthoc_ema, samplers, schedules, train_state
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import validate_unet_config
-from diffusion_jax.runner import ema_snapshots
+from diffusion_jax.runner import ema_snapshots, xla_options
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.values import is_int, is_real
 
@@ -321,8 +321,19 @@ def check_parallel(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"parallel.fsdp_min_size={min_size!r}; use an integer >= 0")
 
 
+def check_xla(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """`xla.cpu_ynnpack_ops`: op kinds XLA:CPU knows how to hand to YNNPACK."""
+    xla_options.ynnpack_ops(config)
+
+
 # The sections every mode that builds the model checks (the mesh included).
-MODEL_VALIDATORS: tuple[Validator, ...] = (check_data, check_model, check_diffusion, check_parallel)
+MODEL_VALIDATORS: tuple[Validator, ...] = (
+    check_data,
+    check_model,
+    check_diffusion,
+    check_parallel,
+    check_xla,
+)
 # The sections a training run uses (the sampling section draws the training grids).
 TRAINING_VALIDATORS: tuple[Validator, ...] = (*MODEL_VALIDATORS, check_training, check_sampling)
 
