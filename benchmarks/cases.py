@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from benchmarks import common, timing
 from diffusion_jax import parallel, schedules, train_state
 from diffusion_jax.models.unet import UNet
+from diffusion_jax.runner import xla_options
 from diffusion_jax.runner.setup import jit_train_step
 
 CONFIGS = {"digits": "configs/digits.py", "cifar10": "configs/cifar10_ddpm.py"}
@@ -40,6 +41,12 @@ def load_config(name: str, dtype: str | None = None) -> ml_collections.ConfigDic
     if dtype is not None:
         config.model.dtype = dtype
     return config
+
+
+def jit(config: ml_collections.ConfigDict, fn: Callable[..., Any]) -> Any:
+    """`fn` jitted with the config's compiler options (`xla.cpu_ynnpack_ops`), as the runner
+    jits its train step and samplers."""
+    return jax.jit(fn, compiler_options=xla_options.compiler_options(config))
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -152,7 +159,7 @@ def train_case(config: ml_collections.ConfigDict, batch_size: int) -> TrainCase:
         optimizer=optimizer,
         mesh=mesh,
         step=step,
-        jitted=jit_train_step(step, mesh),
+        jitted=jit_train_step(step, mesh, compiler_options=xla_options.compiler_options(config)),
         state=state,
         batch=parallel.global_batch(random_batch(batch_size, shape), mesh),
     )

@@ -3,7 +3,8 @@
 Usage (from the repository root, with this project's environment):
 
     python -m benchmarks.compare_torch [--torch-python=/tmp/bench_torch/bin/python]
-        [--rounds 3] [--batch-size 8] [--config cifar10|digits] [--out=benchmarks/results]
+        [--rounds 3] [--batch-size 8] [--config cifar10|digits] [--ynnpack-ops=jax|...]
+        [--out=benchmarks/results]
 
 Starts two long-lived workers (`benchmarks.workers`), this module with --jax-worker and
 `benchmarks.torch_peer --serve` in the torch environment (see that module), each of which
@@ -12,7 +13,9 @@ them case by case for `--rounds` rounds (the order flips every round): train ste
 backward, Adam, clipping), one denoising forward, and the whole DDIM-50 sampler, all float32 at
 the same batch. The machine's speed drifts under outside load; a ratio is taken only between
 the two measurements of a pair, and the table reports the median over rounds of those ratios
-(JAX images/s / torch images/s, > 1 means JAX is faster). Writes <out>/<date>-torch.{jsonl,md}.
+(JAX images/s / torch images/s, > 1 means JAX is faster). The JAX side compiles with the
+config's `xla.cpu_ynnpack_ops`, as training and sampling do; `--ynnpack-ops` overrides it
+(`jax`: jax's own routing). Writes <out>/<date>-torch.{jsonl,md}.
 
 The torch worker runs with OMP_WAIT_POLICY=PASSIVE unless told otherwise: on a shared machine
 (load average above the core count) torch's default, spinning OpenMP threads, made its denoising
@@ -39,23 +42,37 @@ class JaxPeer:
     """The JAX side of the comparison, compiled once; `run` mirrors torch_peer.Peer.run."""
 
     def __init__(
-        self, batch_size: int, dtype: str = "float32", ddim_steps: int = 50, config: str = "cifar10"
+        self,
+        batch_size: int,
+        dtype: str = "float32",
+        ddim_steps: int = 50,
+        config: str = "cifar10",
+        ynnpack_ops: str | None = None,
     ) -> None:
         import jax
         import jax.numpy as jnp
 
         from benchmarks import cases
         from diffusion_jax import samplers
+        from diffusion_jax.runner import xla_options
 
         self.batch, self.dtype, self.ddim_steps, self.config = batch_size, dtype, ddim_steps, config
         t0 = time.perf_counter()
-        self.train = cases.train_case(cases.load_config(config, dtype), batch_size)
+        cfg = cases.load_config(config, dtype)
+        if ynnpack_ops is not None:
+            cfg.xla.cpu_ynnpack_ops = ynnpack_ops
+        self.train = cases.train_case(cfg, batch_size)
         self.train.compile()
         forward = cases.eval_forward(self.train.model)
         self.params = jax.tree.map(jnp.copy, self.train.state.ema_params)
         self.x = jnp.asarray(self.train.batch["image"])
         self.t = jnp.full((batch_size,), 500, jnp.int32)
-        self.forward = jax.jit(forward).lower(self.params, self.x, self.t).compile()
+        # The config's compiler options (`xla.cpu_ynnpack_ops`), as its sampler runs.
+        options = xla_options.compiler_options(self.train.config)
+        self.ynnpack_ops = self.train.config.xla.cpu_ynnpack_ops
+        self.forward = (
+            jax.jit(forward, compiler_options=options).lower(self.params, self.x, self.t).compile()
+        )
         spec = samplers.SamplerSpec(sampler="ddim", num_steps=ddim_steps)
         shape = self.x.shape
 
@@ -63,7 +80,9 @@ class JaxPeer:
             return spec.sample(lambda x, t: forward(params, x, t), self.train.schedule, shape, rng)
 
         self.rng = jax.random.PRNGKey(0)
-        self.sample = jax.jit(generate).lower(self.params, self.rng).compile()
+        self.sample = (
+            jax.jit(generate, compiler_options=options).lower(self.params, self.rng).compile()
+        )
         self.setup_s = time.perf_counter() - t0
         self.num_params = cases.num_params(self.params)
 
@@ -88,9 +107,10 @@ class JaxPeer:
 
 
 def serve_jax(args: argparse.Namespace) -> None:
-    peer = JaxPeer(args.batch_size, args.dtype, args.ddim_steps, args.config)
+    peer = JaxPeer(args.batch_size, args.dtype, args.ddim_steps, args.config, args.ynnpack_ops)
     env = {"benchmark": "environment", **common.environment(), "framework": "jax"}
     env.update(config=peer.config, params=peer.num_params, setup_s=round(peer.setup_s, 1))
+    env.update(xla_cpu_ynnpack_ops=peer.ynnpack_ops)
     workers.serve(env, peer.run)
 
 
@@ -102,7 +122,8 @@ def markdown(pairs: dict[str, list[tuple[dict, dict]]], envs: dict[str, dict], n
         f"jax {jax_env['jax']} on {jax_env['device_kind']} ({jax_env['cpu_count']} CPUs); "
         f"torch {torch_env['torch']} ({torch_env['torch_threads']} threads), diffusers "
         f"{torch_env['diffusers']}. Parameters: jax {jax_env['params']:,}, torch "
-        f"{torch_env['params']:,}. {note}",
+        f"{torch_env['params']:,}. XLA:CPU ops handed to YNNPACK (`xla.cpu_ynnpack_ops`): "
+        f"{jax_env.get('xla_cpu_ynnpack_ops', 'jax')!r}. {note}",
         "",
         "Each round runs JAX and torch back to back (order alternating); ratio = JAX images/s "
         "/ torch images/s of the same round, median over rounds (min-max).",
@@ -148,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ddim-steps", type=int, default=50, help="steps of the sampler case")
     parser.add_argument("--dtype", default="float32", help="JAX compute dtype")
     parser.add_argument("--benchmarks", default=",".join(BENCHMARKS))
+    parser.add_argument(
+        "--ynnpack-ops", default=None, help="override the config's xla.cpu_ynnpack_ops ('jax', ...)"
+    )
     parser.add_argument("--out", default=common.RESULTS)
     parser.add_argument("--jax-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -165,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     jax_args = [f"--batch-size={args.batch_size}", f"--config={args.config}"]
     jax_args += [f"--ddim-steps={args.ddim_steps}", f"--dtype={args.dtype}"]
+    if args.ynnpack_ops is not None:
+        jax_args.append(f"--ynnpack-ops={args.ynnpack_ops}")
     jax_peer = workers.Worker(
         [sys.executable, "-m", "benchmarks.compare_torch", "--jax-worker", *jax_args]
     )

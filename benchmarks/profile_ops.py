@@ -1,7 +1,7 @@
 """Where the time goes in the U-Net on CPU: convolutions vs matmuls vs the rest.
 
 Usage: python -m benchmarks.profile_ops [--batch-size 8] [--mode forward|train]
-           [--config cifar10|digits]
+           [--config cifar10|digits] [--ynnpack-ops=jax|...]
            [--torch-python=/tmp/bench_torch/bin/python] [--out=benchmarks/results]
 
 Takes every `conv_general_dilated` and `dot_general` of the traced program (the eval-mode
@@ -99,7 +99,7 @@ def collect_ops(closed: Any) -> dict[tuple, dict[str, Any]]:
     return groups
 
 
-def time_eqn(eqn: Any) -> tuple[float, float | None]:
+def time_eqn(eqn: Any, compiler_options: Any = None) -> tuple[float, float | None]:
     """(median seconds, XLA FLOPs) of one equation run alone under jit."""
     import jax
     import jax.numpy as jnp
@@ -110,7 +110,7 @@ def time_eqn(eqn: Any) -> tuple[float, float | None]:
         else jnp.zeros(v.aval.shape, v.aval.dtype)
         for i, v in enumerate(eqn.invars)
     ]
-    fn = jax.jit(lambda *a: eqn.primitive.bind(*a, **eqn.params))
+    fn = jax.jit(lambda *a: eqn.primitive.bind(*a, **eqn.params), compiler_options=compiler_options)
     compiled = fn.lower(*args).compile()
     times = timing.timings(lambda: compiled(*args), warmup=2, repeats=5)
     return statistics.median(times), common.compiled_flops(compiled)
@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", choices=("cifar10", "digits"), default="cifar10")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--torch-python", default="")
+    parser.add_argument(
+        "--ynnpack-ops", default=None, help="override the config's xla.cpu_ynnpack_ops ('jax', ...)"
+    )
     parser.add_argument("--out", default=common.RESULTS)
     args = parser.parse_args(argv)
     if args.torch_python:
@@ -153,22 +156,28 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks import cases
 
     b = args.batch_size
+    from diffusion_jax.runner import xla_options
+
     config = cases.load_config(args.config, args.dtype)
+    if args.ynnpack_ops is not None:
+        config.xla.cpu_ynnpack_ops = args.ynnpack_ops
+    options = xla_options.compiler_options(config)  # every jit below, as training and sampling
     if args.mode == "forward":
         model = cases.create_model(config)
         shape = cases.image_shape(config)
         params = cases.random_params(model, shape)
         x, _ = cases.random_inputs(b, shape)
         t = jax.numpy.full((b,), 500, jax.numpy.int32)
-        fn = jax.jit(cases.eval_forward(model))
+        fn = cases.eval_forward(model)
         call_args: tuple = (params, x, t)
-        compiled = fn.lower(*call_args).compile()
+        compiled = jax.jit(fn, compiler_options=options).lower(*call_args).compile()
         run_whole: Any = lambda: compiled(*call_args)
     else:
         train = cases.train_case(config, b)
         train.compile()
-        fn, call_args, compiled = train.jitted, (train.state, train.batch), train.compiled
+        fn, call_args, compiled = train.step, (train.state, train.batch), train.compiled
         run_whole = train.run  # carries the new state along: the old one is donated
+    # The pure functions: a jit with compiler options cannot be traced inside another.
     groups = collect_ops(jax.make_jaxpr(fn)(*call_args))
     whole_flops = common.compiled_flops(compiled)
 
@@ -184,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     # Interleave: whole program, per-op JAX, torch convs, whole program again.
     whole_before = whole()
     for g in groups.values():
-        g["seconds"], g["flops"] = time_eqn(g["eqn"])
+        g["seconds"], g["flops"] = time_eqn(g["eqn"], options)
     torch_times: list[float] = []
     torch_profile: dict[str, Any] = {}
     if args.torch_python and torch_specs:
@@ -219,12 +228,16 @@ def main(argv: list[str] | None = None) -> None:
 
     env = common.environment()
     prefix = "" if args.config == "cifar10" else f"{args.config}_"  # cifar10: the old names
-    stem = common.output_stem(args.out, f"profile_{prefix}{args.mode}_b{b}_{args.dtype}")
+    routing = "" if args.ynnpack_ops is None else f"_ynnpack-{args.ynnpack_ops or 'none'}"
+    stem = common.output_stem(
+        args.out, f"profile_{prefix}{args.mode}_b{b}_{args.dtype}{routing.replace(',', '+')}"
+    )
     summary = {
         "benchmark": "profile_ops",
         "mode": args.mode,
         "dtype": args.dtype,
         "batch_size": b,
+        "xla_cpu_ynnpack_ops": config.xla.cpu_ynnpack_ops,
         "whole_s": round(whole_s, 4),
         "whole_gflops_per_s": round(whole_flops / whole_s / 1e9, 1) if whole_flops else None,
         "conv_s": round(totals["conv"], 4),
@@ -247,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"# Per-op breakdown, {args.config} U-Net {args.mode}, batch {b}, {args.dtype}",
         "",
-        f"jax {env['jax']}, {env['device_kind']}; load average {env['load_avg_1m']}. Whole "
+        f"jax {env['jax']}, {env['device_kind']}; XLA:CPU ops handed to YNNPACK "
+        f"(`xla.cpu_ynnpack_ops`): {config.xla.cpu_ynnpack_ops!r}; load average "
+        f"{env['load_avg_1m']}. Whole "
         f"program {whole_s:.3f} s; convolutions {totals['conv']:.3f} s "
         f"({100 * totals['conv'] / whole_s:.0f}%), dot_general {totals['dot']:.3f} s "
         f"({100 * totals['dot'] / whole_s:.0f}%), rest "

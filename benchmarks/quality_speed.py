@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import common, timing, workers
+from benchmarks import cases, common, timing, workers
 from diffusion_jax import images
 from diffusion_jax.errors import UserError
 from diffusion_jax.evaluation import digits_net, metrics, reference
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         def generate(params: Any, rng: jax.Array) -> jax.Array:
             return spec.sample(loaded.setup.model_fn(params), loaded.schedule, shape, rng)
 
-        return jax.jit(generate).lower(loaded.params, rng).compile()
+        return cases.jit(loaded.setup.config, generate).lower(loaded.params, rng).compile()
 
     results: dict[str, dict[str, Any]] = {}
     compiled = {}

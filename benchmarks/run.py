@@ -128,7 +128,9 @@ def bench_denoise(
     model = cases.create_model(config)
     params = cases.random_params(model, shape)
     x, t = cases.random_inputs(batch, shape)
-    compiled, compile_s = timing.compile_timed(jax.jit(cases.eval_forward(model)), params, x, t)
+    compiled, compile_s = timing.compile_timed(
+        cases.jit(config, cases.eval_forward(model)), params, x, t
+    )
     times, memory = _measure(
         compiled, lambda: compiled(params, x, t), warmup=warmup, repeats=repeats
     )
@@ -177,7 +179,7 @@ def bench_sample(
         return spec.sample(lambda x, t: forward(params, x, t), schedule, shape, rng)
 
     rng = jax.random.PRNGKey(0)
-    compiled, compile_s = timing.compile_timed(jax.jit(generate), params, rng)
+    compiled, compile_s = timing.compile_timed(cases.jit(config, generate), params, rng)
     times, memory = _measure(
         compiled, lambda: compiled(params, rng), warmup=warmup, repeats=repeats
     )

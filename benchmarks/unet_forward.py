@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     b = args.batch_size
     x, t = cases.random_inputs(b, shape)
     params = cases.random_params(model, shape)
-    compiled, compile_s = timing.compile_timed(jax.jit(cases.eval_forward(model)), params, x, t)
+    compiled, compile_s = timing.compile_timed(
+        cases.jit(config, cases.eval_forward(model)), params, x, t
+    )
     times = timing.timings(lambda: compiled(params, x, t), warmup=args.warmup, repeats=args.runs)
     summary = timing.summarize(times)
     median_s = summary["median_s"]
