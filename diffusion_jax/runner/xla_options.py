@@ -29,6 +29,7 @@ OPS = {
 }
 JAX_DEFAULT = "jax"  # leave jax's own routing (all three in jax 0.10)
 _OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_REGION_ANALYSIS = "xla_cpu_copy_insertion_use_region_analysis"
 
 
 def ynnpack_ops(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
@@ -48,8 +49,12 @@ def ynnpack_ops(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
 
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
     """`jax.jit(..., compiler_options=...)` for this config on the default backend: None
-    (jax's defaults) off CPU or with `xla.cpu_ynnpack_ops='jax'`."""
+    (jax's defaults) off CPU or with `xla.cpu_ynnpack_ops='jax'`.
+
+    With a routing, XLA's region analysis for copy insertion comes along: without it XLA:CPU
+    copies the donated parameters and Adam moments every train step (1551 copies in the
+    CIFAR-10 step, 567 with it), with bit-identical results and a 1-3% faster step."""
     ops = ynnpack_ops(config)
     if ops is None or jax.default_backend() != "cpu":
         return None
-    return {_OPTION: ",".join(OPS[name] for name in ops)}
+    return {_OPTION: ",".join(OPS[name] for name in ops), _REGION_ANALYSIS: True}
