@@ -34,12 +34,17 @@ CONFIGS = {"digits": "configs/digits.py", "cifar10": "configs/cifar10_ddpm.py"}
 NUM_CLASSES = 10
 
 
-def load_config(name: str, dtype: str | None = None) -> ml_collections.ConfigDict:
-    """A config by short name ('digits', 'cifar10') or path, with `model.dtype` = `dtype`."""
+def load_config(
+    name: str, dtype: str | None = None, ynnpack_ops: str | None = None
+) -> ml_collections.ConfigDict:
+    """A config by short name ('digits', 'cifar10') or path, with `model.dtype` = `dtype` and
+    `xla.cpu_ynnpack_ops` = `ynnpack_ops` where given (None keeps the config's)."""
     path = CONFIGS.get(name, name)
     config = runpy.run_path(os.path.join(common.REPO, path))["get_config"]()
     if dtype is not None:
         config.model.dtype = dtype
+    if ynnpack_ops is not None:
+        config.xla.cpu_ynnpack_ops = ynnpack_ops
     return config
 
 

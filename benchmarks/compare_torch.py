@@ -54,25 +54,19 @@ class JaxPeer:
 
         from benchmarks import cases
         from diffusion_jax import samplers
-        from diffusion_jax.runner import xla_options
 
         self.batch, self.dtype, self.ddim_steps, self.config = batch_size, dtype, ddim_steps, config
         t0 = time.perf_counter()
-        cfg = cases.load_config(config, dtype)
-        if ynnpack_ops is not None:
-            cfg.xla.cpu_ynnpack_ops = ynnpack_ops
-        self.train = cases.train_case(cfg, batch_size)
+        self.train = cases.train_case(cases.load_config(config, dtype, ynnpack_ops), batch_size)
         self.train.compile()
         forward = cases.eval_forward(self.train.model)
         self.params = jax.tree.map(jnp.copy, self.train.state.ema_params)
         self.x = jnp.asarray(self.train.batch["image"])
         self.t = jnp.full((batch_size,), 500, jnp.int32)
-        # The config's compiler options (`xla.cpu_ynnpack_ops`), as its sampler runs.
-        options = xla_options.compiler_options(self.train.config)
+        # Compiled with the config's routing (`xla.cpu_ynnpack_ops`), as its sampler runs.
         self.ynnpack_ops = self.train.config.xla.cpu_ynnpack_ops
-        self.forward = (
-            jax.jit(forward, compiler_options=options).lower(self.params, self.x, self.t).compile()
-        )
+        cfg = self.train.config
+        self.forward = cases.jit(cfg, forward).lower(self.params, self.x, self.t).compile()
         spec = samplers.SamplerSpec(sampler="ddim", num_steps=ddim_steps)
         shape = self.x.shape
 
@@ -80,9 +74,7 @@ class JaxPeer:
             return spec.sample(lambda x, t: forward(params, x, t), self.train.schedule, shape, rng)
 
         self.rng = jax.random.PRNGKey(0)
-        self.sample = (
-            jax.jit(generate, compiler_options=options).lower(self.params, self.rng).compile()
-        )
+        self.sample = cases.jit(cfg, generate).lower(self.params, self.rng).compile()
         self.setup_s = time.perf_counter() - t0
         self.num_params = cases.num_params(self.params)
 

@@ -158,9 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     b = args.batch_size
     from diffusion_jax.runner import xla_options
 
-    config = cases.load_config(args.config, args.dtype)
-    if args.ynnpack_ops is not None:
-        config.xla.cpu_ynnpack_ops = args.ynnpack_ops
+    config = cases.load_config(args.config, args.dtype, args.ynnpack_ops)
     options = xla_options.compiler_options(config)  # every jit below, as training and sampling
     if args.mode == "forward":
         model = cases.create_model(config)

@@ -34,18 +34,18 @@ CASES = ("train_step", "denoise_step")
 
 def build(config_name: str, batch: int, routing: str) -> dict[str, Any]:
     """Both cases of one routing, compiled; a `run` callable per case."""
-    config = cases.load_config(config_name)
-    config.xla.cpu_ynnpack_ops = "" if routing == "none" else routing.replace("+", ",")
-    options = xla_options.compiler_options(config)
+    config = cases.load_config(
+        config_name, ynnpack_ops="" if routing == "none" else routing.replace("+", ",")
+    )
     train = cases.train_case(config, batch)
     train.compile()
     forward = cases.eval_forward(train.model)
     params = jax.tree.map(jnp.copy, train.state.ema_params)
     x = jnp.asarray(train.batch["image"])
     t = jnp.full((batch,), 500, jnp.int32)
-    denoise = jax.jit(forward, compiler_options=options).lower(params, x, t).compile()
+    denoise = cases.jit(config, forward).lower(params, x, t).compile()
     return {
-        "options": options,
+        "options": xla_options.compiler_options(config),
         "train_step": train.run,
         "denoise_step": lambda: denoise(params, x, t),
         "denoised": np.asarray(denoise(params, x, t)),
