@@ -1,51 +1,34 @@
-"""Samplers: ancestral DDPM, DDIM(eta), DPM-Solver++ (2M, 3M, 2M SDE) and Heun, each one
-`lax.scan`.
+"""Samplers, each written once on the denoiser of any formulation (ddpm, edm, flow) over a grid
+of noise levels, each one `lax.scan`.
 
-One entry point, `sample(model_fn, sch, shape, rng, sampler=..., ...)`. A sampler visits
-N = num_steps integer timesteps tau_0 > tau_1 > ... > tau_{N-1} (`get_timesteps`: uniform in t,
-or in sigma with 'karras' and 'logsnr'; all but 'leading' and 'trailing' end at 0) and
-evaluates the model only there, inside one scan body (compile time does not grow with N).
-
-    ddpm                ancestral sampling on the respaced chain (`ddpm`); N evaluations.
-    ddim                DDIM(eta) (`ddim`); N evaluations.
+    ddim (euler)        DDIM(eta): Euler on the probability-flow ODE, Euler-ancestral for
+                        eta > 0 (`ddim`); N evaluations.
+    ddpm                ancestral sampling; fixed_small / fixed_large / learned_range (`ddpm`); N.
+    heun                EDM's Heun (Alg. 1) with churn (Alg. 2) (`heun`); 2N - 1.
     dpm_solver++        DPM-Solver++(2M), lower_order_final by default (`dpm_solver`); N.
-    dpm_solver++3m      DPM-Solver++(3M) (`dpm_solver`); N evaluations.
-    dpm_solver++2m_sde  DPM-Solver++(2M) SDE, stochastic (`dpm_solver`); N evaluations.
-    heun                EDM's 2nd-order Heun on the probability-flow ODE (`heun`); 2N - 1.
+    dpm_solver++3m      DPM-Solver++(3M) (`dpm_solver`); N.
+    dpm_solver++2m_sde  DPM-Solver++(2M) SDE, stochastic (`dpm_solver`); N.
+    unipc               UniPC-bh2 predictor-corrector (`unipc`); N.
 
-The EDM formulation (`diffusion_jax.edm`; pass an `edm.EDM` as `sch` and the network F as
-model_fn) has its own samplers in sigma space (`edm_samplers`): edm_euler (N evaluations),
-edm_heun (EDM Alg. 1, 2N - 1), edm_stochastic (EDM Alg. 2, 2N - 1), edm_dpm_solver++ and
-edm_dpm_solver++2m_sde (N). Each sampler is registered for one formulation; `sample` refuses
-the other's.
+A formulation (`diffusion_jax.formulations`) turns the network into D(x; sigma) and says which
+levels it knows; `grid.sigma_grid` places N levels (a discrete model's rounded onto its own);
+every sampler steps through them and onto sigma = 0, returning the x0 prediction at the last
+level. A sampler's options are a frozen dataclass in its module; `SamplerSpec` holds the
+sampler, its grid, its options and what applies to all (guidance, clipping, temperature, the
+Gaussian start), and is what every mode, tool and benchmark builds once and passes around:
 
-The last step of every sampler returns the model's x0 prediction at the last timestep (DDIM's
-step to ab = 1; for the ODE samplers the Euler step to sigma = 0, i.e. x0 = denoise(x there)).
-`gaussian_start_t` replaces the chain above that timestep by the exact flow of the data's
-Gaussian model (`diffusion_jax.data_gaussian`).
+    spec = samplers.SamplerSpec.create(sampler='unipc', num_steps=20)
+    x0 = spec.sample(model_fn, formulation, (16, 32, 32, 3), rng)
 
-Accuracy (benchmarks/sampler_gaussian_error.py, exact Gaussian model, linspace timesteps): ddim
-is first order, heun and pure 2M dpm_solver++ (lower_order_final=False) second order in the
-number of steps; with few steps dpm_solver++ with lower_order_final is the most accurate, and
-heun needs many steps on 'cosine'. Each module's docstring has its numbers; check the benchmark
-before choosing.
+`sample(model_fn, schedule_or_formulation, shape, rng, sampler=..., **options)` does the same
+from flat keywords. Noise: sample i uses key_i = fold_in(rng, sample_ids[i]); the start from
+fold_in(key_i, 0) and the noise injected at step k from fold_in(key_i, k + 1), so sample i does
+not depend on the batch it is drawn in, nor on how a run is split over devices.
 
-Samplers are registered by name (`registry`): each sampler module registers a `Sampler` (its
-scan builder, the options it reads, its checks, minimum steps and model evaluations) when
-imported, and argument validation, `SamplerSpec` and the runner ask the registry. Adding a
-sampler is one module calling `register` (imported below, or by its user) and its tests.
-
-Noise: sample i uses key_i = fold_in(rng, sample_ids[i]); x_T ~ N(0, I) from fold_in(key_i, 0)
-and the noise injected at step k from fold_in(key_i, k + 1). So sample i does not depend on the
-batch it is drawn in, nor on how a run is split over devices.
-
-To compile everything, jit a function that closes over `model_fn` and the schedule, passing
-parameters as arguments:
-
-    @jax.jit
-    def generate(params, rng):
-        model_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
-        return samplers.sample(model_fn, sch, (16, 32, 32, 3), rng, sampler='ddim', num_steps=50)
+Samplers are registered by name (`registry`), with aliases ('euler' for 'ddim'; the edm_* names
+of earlier releases). Adding a sampler is one module calling `register`, and its tests.
+To compile everything, jit a function that closes over model_fn and the formulation, passing
+parameters as arguments.
 """
 
 from __future__ import annotations
@@ -56,49 +39,48 @@ from diffusion_jax.samplers import ddpm as ddpm
 from diffusion_jax.samplers import ddim as ddim
 from diffusion_jax.samplers import dpm_solver as dpm_solver
 from diffusion_jax.samplers import heun as heun
-from diffusion_jax.samplers import edm_samplers as edm_samplers
+from diffusion_jax.samplers import unipc as unipc
 
 # isort: on
-from diffusion_jax.samplers.base import (
-    Chain,
-    Option,
-    Sampler,
-    SamplerOptions,
-    Scan,
+from diffusion_jax.samplers.base import Chain, Denoiser, Level, Sampler, Scan
+from diffusion_jax.samplers.driver import Trajectory, prior_sigma, run, sample, spec_from_keywords
+from diffusion_jax.samplers.grid import SPACINGS, sigma_grid
+from diffusion_jax.samplers.registry import (
+    all_names,
+    canonical_name,
+    get_sampler,
+    names,
+    register,
+    unregister,
 )
-from diffusion_jax.samplers.checks import validate_on_schedule, validate_sampler_args
-from diffusion_jax.samplers.driver import Trajectory, sample
-from diffusion_jax.samplers.registry import get_sampler, names, register, unregister
 from diffusion_jax.samplers.spacing import TIMESTEP_SPACINGS, get_timesteps
-from diffusion_jax.samplers.spec import SamplerSpec
+from diffusion_jax.samplers.spec import SamplerSpec, default_spacing
 
 # The built-in samplers; `names()` also lists samplers registered later.
 SAMPLERS = names()
-# The built-in samplers of each formulation.
-DDPM_SAMPLERS = names("ddpm")
-EDM_SAMPLERS = names("edm")
-# The ddpm samplers that integrate the ODE from t=T-1 to t=0 (they need num_steps >= 2).
-ODE_SAMPLERS = tuple(name for name in DDPM_SAMPLERS if get_sampler(name).ode)
 
 __all__ = [
-    "DDPM_SAMPLERS",
-    "EDM_SAMPLERS",
-    "ODE_SAMPLERS",
     "SAMPLERS",
+    "SPACINGS",
     "TIMESTEP_SPACINGS",
     "Chain",
-    "Option",
+    "Denoiser",
+    "Level",
     "Sampler",
-    "SamplerOptions",
     "SamplerSpec",
     "Scan",
     "Trajectory",
+    "all_names",
+    "canonical_name",
+    "default_spacing",
     "get_sampler",
     "get_timesteps",
     "names",
+    "prior_sigma",
     "register",
+    "run",
     "sample",
+    "sigma_grid",
+    "spec_from_keywords",
     "unregister",
-    "validate_on_schedule",
-    "validate_sampler_args",
 ]

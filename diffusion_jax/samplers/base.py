@@ -1,11 +1,13 @@
-"""The sampler interface: what a sampler module registers (`Sampler`), what it is handed to
-build its scan (`Chain`) and what it returns (`Scan`).
+"""The sampler interface: what a sampler module registers (`Sampler`), what it builds its scan
+from (`Chain`) and what it returns (`Scan`).
 
-A sampler visits N integer timesteps tau_0 > ... > tau_{N-1} = 0 and evaluates the model only
-in the body of one `lax.scan`, so the model appears once in the traced graph and compile time
-does not grow with N. Per-step coefficients are computed before tracing, in float64 numpy from
-a concrete schedule (`array_module` lets the same code run on a traced schedule's jax arrays),
-and enter the scan as inputs (`scan_inputs`).
+Every sampler is written once, on the denoiser D of any formulation over a decreasing grid of
+noise levels sigma_0 > ... > sigma_{N-1} > 0 (`grid`), ending with the step onto sigma = 0
+whose result is the x0 prediction D(x; sigma_{N-1}). The state x is in the variance-preserving
+coordinates x_vp = alpha x0 + s n (alpha = 1 / sqrt(1 + sigma^2), s = sigma alpha;
+`formulations.base`), finite even at sigma = inf. The model appears once, in the body of one
+`lax.scan`, so compile time does not grow with N. Per-step coefficients are computed before
+tracing, in float64 numpy from the grid, and enter the scan as inputs (`scan_inputs`).
 """
 
 from __future__ import annotations
@@ -19,82 +21,88 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
-from diffusion_jax.samplers.denoise import Denoiser, EDMDenoiser
+from diffusion_jax.formulations import Formulation, vp_alpha, vp_noise
 from diffusion_jax.samplers.noise import Noise
 
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplerOptions:
-    """The `sample` options a sampler may read (each is a `sample` keyword and a
-    `SamplerSpec` field). temperature scales injected noise; learn_sigma says the model
-    outputs its variance too."""
+class Level(NamedTuple):
+    """Where the network is evaluated: sigma, the scale from x_vp to the formulation's own
+    coordinates and the network's time input. Scalars in a scan body; (K,) as scan inputs."""
 
-    eta: float = 0.0
-    variance: str = "fixed_small"
-    lower_order_final: bool = True
-    temperature: Any = 1.0
-    learn_sigma: bool = False
-    s_churn: float = 0.0
-    s_min: float = 0.0
-    s_max: float = float("inf")
-    s_noise: float = 1.0
-
-
-OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SamplerOptions))
+    sigma: Array
+    scale: Array
+    time: Array
 
 
 @dataclasses.dataclass(frozen=True)
-class Option:
-    """A `SamplerOptions` field that a sampler reads.
+class Denoiser:
+    """D at one level: net (labels and guidance bound in) through the formulation, from x_vp
+    (B, ...) to the x0 prediction (clipped to [-1, 1] with clip_x0) and, for a learned-variance
+    model, its variance values (else None)."""
 
-    default: the value that leaves it out of file names (`SamplerSpec.name`); label(value): its
-    file-name part otherwise. check(value, options) raises ValueError for a bad value; it runs
-    whichever sampler is chosen, since `sample` takes every option and a bad one is a mistake
-    even where it is ignored.
-    """
+    net: Callable[[Array, Array], Array]
+    formulation: Formulation
+    shape: tuple[int, ...]
+    clip_x0: bool
+    dtype: Any
 
-    name: str
-    default: Any
-    label: Callable[[Any], str]
-    check: Callable[[Any, SamplerOptions], None] | None = None
+    def __call__(self, x: Array, level: Level) -> tuple[Array, Array | None]:
+        x_own = (x * level.scale.astype(self.dtype)).astype(self.dtype)
+        x0, var_values = self.formulation.denoised(self.net, x_own, level.sigma, level.time)
+        if x0.shape != self.shape:
+            raise ValueError(f"model_fn returned shape {x0.shape}; expected {self.shape}")
+        if self.clip_x0:
+            x0 = jnp.clip(x0, -1.0, 1.0)
+        return x0.astype(self.dtype), var_values
+
+    def own(self, x: Array, level: Level) -> Array:
+        """x_vp in the formulation's own coordinates (what the network sees)."""
+        return (x * level.scale.astype(self.dtype)).astype(self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class Chain:
-    """What a sampler builds its scan from: the N timesteps it visits and their
-    alphas_cumprod, the start x (B, ...) at timesteps[0], the model, the per-sample noise
-    (draw step k's from index k + 1) and the options.
+    """What a sampler builds its scan from: the grid `sigmas` (float64 (N,), decreasing, > 0;
+    the first may be inf), the start x_vp (B, ...) at sigmas[0], the denoiser, the per-sample
+    noise (draw step k's from index k + 1), the sampler's options and the temperature that
+    scales injected noise."""
 
-    An EDM-formulation chain (samplers registered with formulation='edm') visits the noise
-    levels `sigmas` (float64 (N,), decreasing, > 0; then onto sigma = 0) instead: its
-    `timesteps` are the step indices N-1..0, alphas_cumprod is 1 / (1 + sigma^2), `ts` gives
-    the sigmas, and `denoise(x, sigma)` is the EDM denoiser (`EDMDenoiser`)."""
-
-    timesteps: np.ndarray  # int64 (N,), strictly decreasing
-    alphas_cumprod: Any  # (N,) float64 numpy; a jax array when the schedule is traced
+    sigmas: np.ndarray
     x_init: Array
-    denoise: Denoiser | EDMDenoiser  # (x, timestep | sigma) -> (x0, eps)
+    denoise: Denoiser
     noise: Noise
-    options: SamplerOptions
-    sigmas: np.ndarray | None = None
+    options: Any
+    temperature: Any
+
+    @property
+    def formulation(self) -> Formulation:
+        return self.denoise.formulation
 
     @property
     def dtype(self) -> Any:
         return self.denoise.dtype
 
     @property
-    def steps(self) -> Array:
-        """int32 (N,) step indices 0..N-1, a scan input for the noise index."""
-        return jnp.arange(self.timesteps.shape[0], dtype=jnp.int32)
+    def num_steps(self) -> int:
+        return int(self.sigmas.shape[0])
 
     @property
-    def ts(self) -> Array:
-        """int32 (N,) timesteps, a scan input (an edm chain: its sigmas, float)."""
-        if self.sigmas is not None:
-            return jnp.asarray(self.sigmas, dtype=diffusion.float_dtype())
-        return jnp.asarray(self.timesteps, dtype=jnp.int32)
+    def steps(self) -> Array:
+        """int32 (N,) step indices 0..N-1, a scan input for the noise index."""
+        return jnp.arange(self.num_steps, dtype=jnp.int32)
+
+    def levels(self, sigmas: np.ndarray | None = None) -> Level:
+        """Scan inputs (K,) for evaluations at `sigmas` (default: the grid), rounded onto a
+        discrete model's levels."""
+        sig = self.formulation.round_sigma(self.sigmas if sigmas is None else sigmas)
+        f, dtype = self.formulation, diffusion.float_dtype()
+        return Level(
+            sigma=jnp.asarray(sig, dtype),
+            scale=jnp.asarray(f.scale(sig), dtype),
+            time=jnp.asarray(f.time(sig)),
+        )
 
     def bcast(self, c: Array) -> Array:
         """A per-step scalar as (1, ..., 1), to scale x (B, ...)."""
@@ -104,16 +112,16 @@ class Chain:
 class Scan(NamedTuple):
     """A sampler's `lax.scan`: out = result(scan(body, init, xs)[0]).
 
-    body(carry, x) -> (carry, (x_t, x0_pred)): the model input and (clipped) x0 prediction of
-    its one model evaluation, recorded for `Trajectory`. eval_timesteps: int (K,) the timestep
-    of each evaluation.
+    body(carry, x) -> (carry, (x_own, x0_pred)): the network input (own coordinates) and the
+    (clipped) x0 prediction of its one model evaluation, recorded for `Trajectory`.
+    eval_sigmas: float64 (K,) the level of each evaluation.
     """
 
     body: Callable[[Any, Any], tuple[Any, tuple[Array, Array]]]
     init: Any
     xs: Any
     result: Callable[[Any], Array]
-    eval_timesteps: Any
+    eval_sigmas: np.ndarray
 
 
 def _one_per_step(num_steps: int) -> int:
@@ -121,41 +129,59 @@ def _one_per_step(num_steps: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of a sampler that has none."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Sampler:
     """A registered sampler (`registry.register`).
 
-    name: the `sampler=` value. build(chain) -> Scan. options: the `SamplerOptions` it reads.
-    ode: integrates the probability-flow ODE from T-1 to 0 (listed in ODE_SAMPLERS);
-    min_steps: the fewest timesteps it works with. num_evaluations(N): model evaluations
-    (= trajectory length K). check_on_schedule(ab (N,) float64 on its timesteps, options):
-    raises ValueError for options the schedule's values rule out (`validate_on_schedule`;
-    `build` raises the same for a concrete schedule). formulation: the model it samples,
-    'ddpm' (integer timesteps of a `Schedule`) or 'edm' (noise levels sigma of an `edm.EDM`,
-    Karras et al. 2022); `sample` refuses the other.
+    name: the `sampler=` value. build(chain) -> Scan. options: its frozen options dataclass
+    (defaults = its fields' defaults; each field's metadata 'label' gives its file-name part
+    where not the default; an optional `check()` raises ValueError naming the fix).
+    min_steps: the fewest grid levels it works with; num_evaluations(N): model evaluations
+    (= trajectory length K). finite_start: its first step needs a finite sigma_0.
+    check_grid(sigmas, options): raises ValueError for options the grid's values rule out.
+    stochastic(options): whether it injects noise (temperature applies).
+    default_spacing: its own good grid where the formulation's default
+    (`Formulation.default_spacing`) does not suit it ('' = none; used when timestep_spacing
+    is '').
     """
 
     name: str
     build: Callable[[Chain], Scan]
-    options: tuple[Option, ...] = ()
-    ode: bool = False
+    options: type = NoOptions
     min_steps: int = 1
     num_evaluations: Callable[[int], int] = _one_per_step
-    check_on_schedule: Callable[[Any, SamplerOptions], None] | None = None
-    formulation: str = "ddpm"
+    finite_start: bool = False
+    check_grid: Callable[[np.ndarray, Any], None] | None = None
+    stochastic: Callable[[Any], bool] = lambda options: False
+    default_spacing: str = ""
+    summary: str = ""
 
 
-def array_module(arr: Any) -> Any:
-    """numpy for float64 numpy coefficients, jax.numpy for a traced schedule's."""
-    return np if isinstance(arr, np.ndarray) else jnp
-
-
-def next_alphas_cumprod(ab: Any) -> Any:
-    """ab at tau_{k+1} for each step k, with clean data (ab = 1) after the last step."""
-    xp = array_module(ab)
-    return xp.concatenate([ab[1:], xp.ones((1,), dtype=ab.dtype)])
+def vp_coefficients(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha, s) float64 (N,) of the grid: the x_vp scale of x0 and of the noise."""
+    return vp_alpha(sigmas), vp_noise(sigmas)
 
 
 def scan_inputs(*arrays: Any) -> tuple[Array, ...]:
     """Per-step coefficients (float64 numpy) as scan inputs of the default float dtype."""
     dtype = diffusion.float_dtype()
     return tuple(jnp.asarray(a, dtype=dtype) for a in arrays)
+
+
+def option_labels(options: Any) -> list[str]:
+    """The file-name parts of the options that differ from their defaults, in field order."""
+    parts = []
+    for field in dataclasses.fields(options):
+        value = getattr(options, field.name)
+        if value != field.default and "label" in field.metadata:
+            parts.append(field.metadata["label"](value))
+    return parts
+
+
+def option(default: Any, label: Callable[[Any], str]) -> Any:
+    """A sampler option field: its default and its file-name label."""
+    return dataclasses.field(default=default, metadata={"label": label})

@@ -16,12 +16,48 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_jax import edm
+from diffusion_jax.formulations.base import nearest_level
 from diffusion_jax.values import is_int, is_real
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing", "quadratic", "karras", "logsnr")
 # Spaced in sigma: they need the schedule's alphas_cumprod, sigma_max and (karras) rho.
 SIGMA_SPACINGS = ("karras", "logsnr")
+# Karras et al.'s noise-level grid: sigma from SIGMA_MAX down to SIGMA_MIN with exponent RHO.
+# The default of every signature and SamplerSpec field that takes them.
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+RHO = 7.0
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: float64 (N,), sigma_max down to sigma_min,
+    (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho; N = 1 gives
+    [sigma_max]."""
+    check_sigma_range(sigma_min, sigma_max, rho)
+    if num_steps == 1:
+        return np.array([float(sigma_max)])
+    u = np.linspace(0.0, 1.0, num_steps)
+    lo, hi = float(sigma_min) ** (1.0 / rho), float(sigma_max) ** (1.0 / rho)
+    return (hi + u * (lo - hi)) ** rho
+
+
+def log_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """float64 (N,) geometric from sigma_max to sigma_min (uniform in log-SNR)."""
+    check_sigma_range(sigma_min, sigma_max, RHO)
+    if num_steps == 1:
+        return np.array([float(sigma_max)])
+    return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_steps))
+
+
+def check_sigma_range(sigma_min: Any, sigma_max: Any, rho: Any) -> None:
+    """ValueError naming the fix unless 0 < sigma_min < sigma_max < inf and rho > 0."""
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
+        if not is_real(value) or not 0.0 < value < np.inf:
+            raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    if not sigma_min < sigma_max:
+        raise ValueError(
+            f"sigma_min={sigma_min!r} must be below sigma_max={sigma_max!r} (EDM: 0.002 and 80)"
+        )
 
 
 def validate_timesteps(
@@ -29,8 +65,8 @@ def validate_timesteps(
     num_steps: int,
     spacing: str = "linspace",
     *,
-    sigma_max: Any = edm.SIGMA_MAX,
-    rho: Any = edm.RHO,
+    sigma_max: Any = SIGMA_MAX,
+    rho: Any = RHO,
 ) -> None:
     """Raise ValueError naming the allowed values for a bad spacing, T, N, sigma_max or rho."""
     if spacing not in TIMESTEP_SPACINGS:
@@ -72,19 +108,11 @@ def _sigma_targets(
     """N target sigmas, decreasing from min(sigma_max, sigma(T-1)) to sigma(0)."""
     hi, lo = min(float(sigma_max), float(sigma[-1])), float(sigma[0])
     hi = max(hi, lo)
-    u = np.linspace(0.0, 1.0, num_steps)
-    if spacing == "karras":  # Karras et al. 2022, eq. 5
-        return (hi ** (1 / rho) + u * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-    return np.exp(np.log(hi) + u * (np.log(lo) - np.log(hi)))  # logsnr: uniform in log sigma
-
-
-def _nearest_timesteps(sigma: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """For each target sigma, the t whose log sigma_t is nearest (sigma increasing in t)."""
-    log_sigma, log_target = np.log(sigma), np.log(targets)
-    right = np.clip(np.searchsorted(log_sigma, log_target), 1, len(sigma) - 1)
-    left = right - 1
-    nearer_left = np.abs(log_target - log_sigma[left]) <= np.abs(log_sigma[right] - log_target)
-    return np.where(nearer_left, left, right) if len(sigma) > 1 else np.zeros_like(right)
+    if num_steps == 1 or hi == lo:
+        return np.full(num_steps, hi)
+    if spacing == "karras":
+        return karras_sigmas(num_steps, lo, hi, rho)
+    return log_sigmas(num_steps, lo, hi)  # logsnr: uniform in log sigma
 
 
 def get_timesteps(
@@ -93,8 +121,9 @@ def get_timesteps(
     spacing: str = "linspace",
     *,
     alphas_cumprod: np.ndarray | None = None,
-    sigma_max: float = edm.SIGMA_MAX,
-    rho: float = edm.RHO,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
+    level_sigmas: np.ndarray | None = None,
 ) -> np.ndarray:
     """The N = num_steps integer timesteps a sampler visits: int64 (N,), strictly decreasing.
 
@@ -115,19 +144,22 @@ def get_timesteps(
     spacings start below T - 1, still from x ~ N(0, I) (as EDM samples VP models: at sigma 80
     the data's share of x_t's variance is 1/6400). N = 1 gives the first timestep only (one
     jump to the x0 prediction). Collisions from rounding are pushed apart. The sigma spacings
-    need alphas_cumprod (T,).
+    need alphas_cumprod (T,), or the levels' sigmas (T,) as level_sigmas.
     """
     validate_timesteps(num_timesteps, num_steps, spacing, sigma_max=sigma_max, rho=rho)
     t_max, n = num_timesteps - 1, num_steps
     ts: np.ndarray
     if spacing in SIGMA_SPACINGS:
-        if alphas_cumprod is None or np.shape(alphas_cumprod) != (num_timesteps,):
+        if level_sigmas is not None:
+            sigma = np.asarray(level_sigmas, np.float64)[:num_timesteps]
+        elif alphas_cumprod is None or np.shape(alphas_cumprod) != (num_timesteps,):
             raise ValueError(
                 f"timestep_spacing={spacing!r} needs the schedule's alphas_cumprod "
                 f"({num_timesteps},)"
             )
-        sigma = sigmas(alphas_cumprod)
-        ts = _nearest_timesteps(sigma, _sigma_targets(sigma, n, spacing, sigma_max, rho))
+        else:
+            sigma = sigmas(alphas_cumprod)
+        ts = nearest_level(sigma, _sigma_targets(sigma, n, spacing, sigma_max, rho))
         return _fix_strictly_decreasing(ts[:1] if n == 1 else ts, num_timesteps)
     if n == 1:
         return np.array([t_max], dtype=np.int64)

@@ -1,159 +1,251 @@
-"""`SamplerSpec`: every sampler option in one value, and the file-name stem that names it."""
+"""`SamplerSpec`: a sampler, its grid and its options in one value, built once per mode and
+validated once; and the file-name stem that names it.
+
+    spec = SamplerSpec(sampler='ddim', num_steps=50, options=DDIMOptions(eta=0.5))
+    spec = SamplerSpec.create(sampler='ddim', num_steps=50, eta=0.5)   # the same, flat
+    spec.validate(formulation)
+    x0 = spec.sample(model_fn, formulation, shape, rng)
+
+A sampler's own options are a frozen dataclass in its module (`Sampler.options`); the spec holds
+an instance of the chosen sampler's. Everything else here applies to every sampler: the grid
+(timestep_spacing, num_steps, sigma_min, sigma_max, rho), clip_x0, the temperature of injected
+noise, classifier-free guidance and the Gaussian start. Adding an option is a field in one
+sampler module (and its default in configs/default.py, for the command line).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
-from diffusion_jax import edm
-from diffusion_jax.samplers import registry
-from diffusion_jax.samplers.checks import validate_on_schedule, validate_sampler_args
-from diffusion_jax.samplers.driver import sample
-from diffusion_jax.samplers.spacing import SIGMA_SPACINGS
-from diffusion_jax.schedules import Schedule
+from diffusion_jax.formulations import Formulation
+from diffusion_jax.samplers import grid, registry, spacing
+from diffusion_jax.samplers.base import Sampler, option_labels
+from diffusion_jax.values import is_int, is_real
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
-    """Every sampler option in one value: built once (from a config, or by hand) and passed to
-    `sample`, the sample / eval / edit modes, analysis and benchmarks alike.
+    """Every sampling choice in one hashable value.
 
-    prediction and learn_sigma describe the model (the config's `diffusion.prediction` and
-    `model.learn_sigma`); num_classes is the class count of a class-conditional model (else
-    None). The rest are `config.sampling` keys; see `sample` for their meaning.
+    sampler: a registered name or alias (stored as the registered name). num_steps: grid
+    levels N. timestep_spacing: `grid.SPACINGS`, '' = the sampler's default grid for the
+    formulation (`default_spacing`). sigma_min, sigma_max, rho: the 'karras' / 'logsnr' range
+    (a discrete model's lowest level replaces sigma_min; 'linspace' on edm ends at sigma_max).
+    options: the sampler's options (None = its defaults). clip_x0: clip every x0 prediction to
+    [-1, 1]. temperature: scales injected noise (stochastic samplers). guidance_scale,
+    num_classes: classifier-free guidance (null label num_classes). gaussian_start_t (a
+    discrete model's timestep) or gaussian_start_sigma (any model's level): > 0 replaces the
+    chain above that level by the exact flow of the data's Gaussian model.
     """
 
     sampler: str = "ddim"
     num_steps: int = 50
-    eta: float = 0.0
-    prediction: str = "eps"
+    timestep_spacing: str = ""
+    sigma_min: float = spacing.SIGMA_MIN
+    sigma_max: float = spacing.SIGMA_MAX
+    rho: float = spacing.RHO
+    options: Any = None
     clip_x0: bool = True
     temperature: float = 1.0
-    timestep_spacing: str = "linspace"
-    variance: str = "fixed_small"
     guidance_scale: float = 1.0
     num_classes: int | None = None
-    learn_sigma: bool = False
-    lower_order_final: bool = True
-    sigma_max: float = edm.SIGMA_MAX
-    rho: float = edm.RHO
     gaussian_start_t: int = 0
-    sigma_min: float = edm.SIGMA_MIN
-    s_churn: float = 0.0
-    s_min: float = 0.0
-    s_max: float = float("inf")
-    s_noise: float = 1.0
+    gaussian_start_sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        entry = registry.get_sampler(self.sampler)
+        object.__setattr__(self, "sampler", entry.name)
+        if self.options is None:
+            object.__setattr__(self, "options", entry.options())
+        elif not isinstance(self.options, entry.options):
+            raise ValueError(
+                f"sampler {entry.name!r} takes {entry.options.__name__}; got "
+                f"{type(self.options).__name__}"
+            )
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, **values: Any) -> SamplerSpec:
+        """A spec from flat keywords: spec fields and the chosen sampler's option fields."""
+        return cls().replace(**values)
 
     @classmethod
     def from_config(cls, config: Any, num_classes: int | None = None) -> SamplerSpec:
-        """From a run config's `sampling`, `diffusion.prediction` and `model.learn_sigma`
-        (any mapping with those sections, e.g. an ml_collections ConfigDict)."""
+        """From a run config's `sampling` section (any mapping with one, e.g. an ml_collections
+        ConfigDict): every spec field and option field of the chosen sampler it has."""
         s = config.sampling
-        return cls(
-            sampler=s.sampler,
-            num_steps=s.num_steps,
-            eta=s.eta,
-            prediction=config.diffusion.prediction,
-            clip_x0=s.clip_x0,
-            temperature=s.temperature,
-            timestep_spacing=s.timestep_spacing,
-            variance=s.variance,
-            guidance_scale=s.guidance_scale,
-            num_classes=num_classes,
-            # A learned-variance model outputs 2C channels; the samplers must know to split them.
-            learn_sigma=bool(config.model.get("learn_sigma", False)),
-            lower_order_final=bool(s.get("lower_order_final", True)),
-            # .get: configs saved before these keys existed.
-            sigma_max=s.get("sigma_max", edm.SIGMA_MAX),
-            rho=s.get("rho", edm.RHO),
-            gaussian_start_t=s.get("gaussian_start_t", 0),
-            sigma_min=s.get("sigma_min", edm.SIGMA_MIN),
-            s_churn=s.get("s_churn", 0.0),
-            s_min=s.get("s_min", 0.0),
-            s_max=s.get("s_max", float("inf")),
-            s_noise=s.get("s_noise", 1.0),
-        )
+        entry = registry.get_sampler(s.sampler)
+        values = {f: s[f] for f in _spec_fields() if f not in ("options", "num_classes") and f in s}
+        option_values = {f: s[f] for f in _field_names(entry.options) if f in s}
+        values["options"] = entry.options(**option_values)
+        return cls(**values, num_classes=num_classes)
 
     def replace(self, **changes: Any) -> SamplerSpec:
-        """A copy with `changes` (unknown names raise TypeError)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`: spec fields and option fields by name. A new sampler keeps
+        the options of the old one that it shares (e.g. lower_order_final)."""
+        entry = registry.get_sampler(changes.get("sampler", self.sampler))
+        option_names = _field_names(entry.options)
+        spec_names = _spec_fields()
+        unknown = sorted(set(changes) - set(option_names) - set(spec_names))
+        if unknown:
+            raise ValueError(
+                f"unknown sampler options {unknown} for {entry.name!r}; it takes "
+                f"{sorted(option_names)} and {sorted(spec_names - {'options'})}"
+            )
+        options = changes.get("options")
+        if options is None:
+            kept = {f: getattr(self.options, f) for f in _field_names(type(self.options))}
+            kept = {k: v for k, v in kept.items() if k in option_names}
+            options = entry.options(**{**kept, **{k: changes[k] for k in option_names & changes.keys()}})
+        own = {k: v for k, v in changes.items() if k in spec_names - {"options", "sampler"}}
+        return dataclasses.replace(self, **own, sampler=entry.name, options=options)
 
-    def validate(self, sch: Schedule | edm.EDM) -> None:
-        """Raise ValueError naming the fix for any bad option, including options that fail on
-        the schedule's values (a DDIM eta too large for its timesteps), and a sampler of the
-        other formulation than `sch`'s (an `edm.EDM` is the edm formulation)."""
-        is_edm = isinstance(sch, edm.EDM)
-        validate_sampler_args(
-            sampler=self.sampler,
-            num_steps=self.num_steps,
-            num_timesteps=sch.num_timesteps if isinstance(sch, Schedule) else 0,
-            eta=self.eta,
-            prediction=self.prediction,
-            timestep_spacing=self.timestep_spacing,
-            variance=self.variance,
-            temperature=self.temperature,
-            learn_sigma=self.learn_sigma,
-            lower_order_final=self.lower_order_final,
-            sigma_max=self.sigma_max,
-            rho=self.rho,
-            gaussian_start_t=self.gaussian_start_t,
+    # -- what it means -----------------------------------------------------------------------
+    @property
+    def entry(self) -> Sampler:
+        return registry.get_sampler(self.sampler)
+
+    @property
+    def num_evaluations(self) -> int:
+        """Model evaluations of one sample (each guided one is a doubled batch)."""
+        return int(self.entry.num_evaluations(self.num_steps))
+
+    def spacing_for(self, formulation: Formulation) -> str:
+        """timestep_spacing, or the sampler's default grid for this formulation ('')."""
+        if self.timestep_spacing:
+            return self.timestep_spacing
+        return default_spacing(self.sampler, formulation)
+
+    def start_sigma(self, formulation: Formulation) -> float | None:
+        """The level a Gaussian start begins the network's chain at (None: off)."""
+        levels = formulation.levels
+        if self.gaussian_start_t:
+            assert levels is not None  # validated
+            return float(levels[self.gaussian_start_t])
+        if self.gaussian_start_sigma:
+            return float(formulation.round_sigma(np.asarray(self.gaussian_start_sigma)))
+        return None
+
+    def grid(self, formulation: Formulation, start_sigma: float | None = None) -> np.ndarray:
+        """The levels (N,) visited; start_sigma: a chain started part-way (SDEdit)."""
+        return grid.sigma_grid(
+            formulation,
+            self.num_steps,
+            self.spacing_for(formulation),
             sigma_min=self.sigma_min,
-            s_churn=self.s_churn,
-            s_min=self.s_min,
-            s_max=self.s_max,
-            s_noise=self.s_noise,
-            formulation="edm" if is_edm else "ddpm",
-        )
-        validate_on_schedule(
-            sch,
-            sampler=self.sampler,
-            num_steps=self.num_steps,
-            eta=self.eta,
-            timestep_spacing=self.timestep_spacing,
-            variance=self.variance,
-            lower_order_final=self.lower_order_final,
             sigma_max=self.sigma_max,
             rho=self.rho,
-            gaussian_start_t=self.gaussian_start_t,
+            start_sigma=start_sigma,
         )
 
-    def kwargs(self) -> dict[str, Any]:
-        """The options as keyword arguments of `sample`."""
-        return dataclasses.asdict(self)
+    def validate(self, formulation: Formulation, start_sigma: float | None = None) -> None:
+        """Raise ValueError naming the fix for any bad choice, including those the grid's
+        values rule out (a DDIM eta too large, heun from sigma = inf), before anything is
+        traced."""
+        entry = self.entry
+        if not is_int(self.num_steps) or self.num_steps < entry.min_steps:
+            raise ValueError(
+                f"sampler {self.sampler!r} needs an integer num_steps >= {entry.min_steps}; "
+                f"got {self.num_steps!r}"
+            )
+        levels = formulation.levels
+        if levels is not None and self.num_steps > len(levels):
+            raise ValueError(
+                f"num_steps must be an integer in [1, {len(levels)}] (the schedule's T); "
+                f"got {self.num_steps!r}"
+            )
+        grid.check_spacing(formulation, self.spacing_for(formulation))
+        spacing.check_sigma_range(self.sigma_min, self.sigma_max, self.rho)
+        check = getattr(self.options, "check", None)
+        if check is not None:
+            check()
+        variance = getattr(self.options, "variance", None)
+        if variance == "learned_range" and not formulation.learned_variance:
+            raise ValueError(
+                "variance='learned_range' needs a model that outputs its variance "
+                "(learn_sigma=True, config model.learn_sigma=True); use 'fixed_small' or "
+                "'fixed_large' for this model"
+            )
+        if not isinstance(self.clip_x0, (bool, np.bool_)):
+            raise ValueError(f"clip_x0 must be a bool; got {self.clip_x0!r}")
+        if is_real(self.temperature) and not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0; got {self.temperature!r}")
+        start = self._check_gaussian_start(formulation, start_sigma)
+        sigmas = self.grid(formulation, start if start is not None else start_sigma)
+        if entry.check_grid is not None:
+            entry.check_grid(sigmas, self.options)
 
+    def _check_gaussian_start(
+        self, formulation: Formulation, start_sigma: float | None
+    ) -> float | None:
+        t, sigma = self.gaussian_start_t, self.gaussian_start_sigma
+        levels = formulation.levels
+        if t:
+            if levels is None:
+                raise ValueError(
+                    "gaussian_start_t is a timestep of a discrete schedule; for the "
+                    f"{formulation.name} formulation set gaussian_start_sigma instead"
+                )
+            if not is_int(t) or not 0 <= t < len(levels):
+                raise ValueError(
+                    f"gaussian_start_t must be an integer in [0, {len(levels) - 1}] (0 = off); "
+                    f"got {t!r}"
+                )
+            if self.num_steps > t + 1:
+                raise ValueError(
+                    f"num_steps={self.num_steps} exceeds the {t + 1} timesteps from "
+                    f"gaussian_start_t={t} to 0; lower num_steps or raise gaussian_start_t"
+                )
+        if not is_real(sigma) or not 0.0 <= sigma < math.inf:
+            raise ValueError(f"gaussian_start_sigma must be a finite number >= 0 (0 = off); got {sigma!r}")
+        if t and sigma:
+            raise ValueError("set one of gaussian_start_t and gaussian_start_sigma, not both")
+        if (t or sigma) and start_sigma is not None:
+            raise ValueError(
+                "a Gaussian start and a chain started part-way (SDEdit) both choose where the "
+                "chain starts; use one"
+            )
+        return self.start_sigma(formulation) if (t or sigma) else None
+
+    # -- names -------------------------------------------------------------------------------
     @property
     def tag(self) -> str:
         """Short file-name tag, e.g. 'ddim50' or 'dpm_solverpp20'."""
         return f"{self.sampler.replace('+', 'p')}{self.num_steps}"
 
-    def name(self) -> str:
-        """File-name stem of every option that changes the samples, e.g. 'ddim50_eta0.5_g2':
-        `tag`, the sampler's own options that differ from their defaults (as its registration
-        labels them), then timestep_spacing (with sigma_max and rho where they apply and differ
-        from 80 and 7; for the edm samplers sigma_min where not 0.002), the Gaussian start
-        ('gs800'), guidance_scale, temperature and clip_x0 where not the default. prediction,
-        learn_sigma and num_classes describe the model, not the sampler, and are left out."""
-        parts = [self.tag]
-        for option in registry.get_sampler(self.sampler).options:
-            value = getattr(self, option.name)
-            if value != option.default:
-                parts.append(option.label(value))
-        if self.timestep_spacing != "linspace":
-            parts.append(self.timestep_spacing)
-        if self.timestep_spacing in SIGMA_SPACINGS and self.sigma_max != edm.SIGMA_MAX:
+    def name(self, formulation: Formulation | None = None) -> str:
+        """File-name stem of every choice that changes the samples, e.g. 'ddim50_eta0.5_g2':
+        `tag`, the sampler's options that differ from their defaults (as labelled in its
+        module), the grid's spacing where not 'linspace' (resolved for `formulation` when
+        timestep_spacing is ''), sigma_max and rho where they apply and differ from 80 and 7,
+        sigma_min where a continuous grid uses it and it is not 0.002, the Gaussian start
+        ('gs800', 'gss2.5'), guidance_scale, temperature and clip_x0 where not the default."""
+        parts = [self.tag, *option_labels(self.options)]
+        spacing_name = self.timestep_spacing
+        if not spacing_name and formulation is not None:
+            spacing_name = self.spacing_for(formulation)
+        if spacing_name and spacing_name != "linspace":
+            parts.append(spacing_name)
+        in_sigma = spacing_name in spacing.SIGMA_SPACINGS
+        if in_sigma and self.sigma_max != spacing.SIGMA_MAX:
             parts.append(f"smax{self.sigma_max:g}")
-        if self.timestep_spacing == "karras" and self.rho != edm.RHO:
+        if spacing_name == "karras" and self.rho != spacing.RHO:
             parts.append(f"rho{self.rho:g}")
-        is_edm = registry.get_sampler(self.sampler).formulation == "edm"
-        if is_edm and self.sigma_min != edm.SIGMA_MIN:
+        continuous = formulation is not None and formulation.levels is None
+        if in_sigma and continuous and self.sigma_min != spacing.SIGMA_MIN:
             parts.append(f"sigmin{self.sigma_min:g}")
         if self.gaussian_start_t:
             parts.append(f"gs{self.gaussian_start_t}")
+        if self.gaussian_start_sigma:
+            parts.append(f"gss{self.gaussian_start_sigma:g}")
         if self.guidance_scale != 1.0:
             parts.append(f"g{self.guidance_scale:g}")
         if self.temperature != 1.0:
@@ -165,12 +257,29 @@ class SamplerSpec:
     def sample(
         self,
         model_fn: Callable[..., Array],
-        sch: Schedule | edm.EDM,
+        formulation: Formulation,
         shape: tuple[int, ...],
         rng: Array,
         **inputs: Any,
     ) -> Any:
-        """`sample(model_fn, sch, shape, rng, **self.kwargs(), **inputs)`; inputs are the
-        per-call arguments (labels, sample_ids, x_init, start_timestep, return_trajectory,
+        """`driver.run(self, model_fn, formulation, shape, rng, **inputs)`; inputs are the
+        per-call arguments (labels, sample_ids, x_init, start_sigma, return_trajectory,
         data_gaussian)."""
-        return sample(model_fn, sch, shape, rng, **self.kwargs(), **inputs)
+        from diffusion_jax.samplers import driver  # the driver imports this module
+
+        return driver.run(self, model_fn, formulation, shape, rng, **inputs)
+
+
+def default_spacing(sampler: str, formulation: Formulation) -> str:
+    """The grid a sampler uses on a formulation unless told otherwise: its own
+    (`Sampler.default_spacing`, e.g. heun's 'karras'), else the formulation's
+    (`Formulation.default_spacing`)."""
+    return registry.get_sampler(sampler).default_spacing or formulation.default_spacing
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _spec_fields() -> set[str]:
+    return _field_names(SamplerSpec)
