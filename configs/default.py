@@ -38,11 +38,18 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     # 'ddpm' (discrete timesteps on `schedule`) | 'edm' (Karras et al. 2022: continuous sigma,
-    # preconditioned denoiser; the edm_* samplers; docs/edm.md).
+    # preconditioned denoiser; docs/edm.md) | 'flow' (flow matching: x_t = (1 - t) x0 + t n,
+    # velocity target; docs/flow.md). Every sampler samples every formulation.
     diffusion.formulation = "ddpm"
     diffusion.sigma_data = 0.5  # edm: the data's standard deviation
     diffusion.p_mean = -1.2  # edm: training ln(sigma) ~ N(p_mean, p_std^2)
     diffusion.p_std = 1.2
+    # flow: training t ~ 'logit_normal' (sigmoid of N(mean, std^2); SD3: 0, 1) | 'uniform',
+    # then the shift t' = s t / (1 + (s - 1) t) (1 = none; SD3 at 1024 px: 3).
+    diffusion.flow_time_sampling = "logit_normal"
+    diffusion.flow_logit_mean = 0.0
+    diffusion.flow_logit_std = 1.0
+    diffusion.flow_shift = 1.0
     diffusion.schedule = "linear"
     diffusion.num_timesteps = 1000
     diffusion.prediction = "eps"  # 'eps' | 'x0' | 'v'
@@ -98,28 +105,36 @@ def get_config() -> ml_collections.ConfigDict:
     xla.cpu_ynnpack_ops = "dot,reduce"
 
     config.sampling = sampling = ml_collections.ConfigDict()
-    # 'ddpm' | 'ddim' | 'dpm_solver++' | 'heun' | ...; edm runs: 'edm_heun' | 'edm_euler' |
-    # 'edm_stochastic' | 'edm_dpm_solver++' (docs/samplers.md, docs/edm.md)
+    # 'ddim' (alias 'euler') | 'ddpm' | 'heun' | 'dpm_solver++' | 'dpm_solver++3m' |
+    # 'dpm_solver++2m_sde' | 'unipc', on every formulation (docs/samplers.md)
     sampling.sampler = "ddim"
     sampling.num_steps = 50
-    sampling.eta = 0.0
-    # 'linspace' | 'leading' | 'trailing' | 'quadratic' | 'karras' | 'logsnr' (docs/samplers.md)
-    sampling.timestep_spacing = "linspace"
+    # 'linspace' | 'leading' | 'trailing' | 'quadratic' | 'karras' | 'logsnr' (docs/samplers.md);
+    # '' = the sampler's own default on the run's formulation (heun: 'karras'; edm: 'karras').
+    sampling.timestep_spacing = ""
     sampling.sigma_max = 80.0  # 'karras' and 'logsnr': the largest sigma visited
     sampling.rho = 7.0  # 'karras': Karras et al.'s rho
-    sampling.sigma_min = 0.002  # edm samplers: the smallest sigma visited (then onto 0)
-    # edm_stochastic (EDM Alg. 2): churn, the sigma range it applies in, and the noise scale.
+    sampling.sigma_min = 0.002  # continuous formulations' 'karras' / 'logsnr': the smallest
+    # Each sampler's own options (ignored by the others):
+    sampling.eta = 0.0  # ddim: 0 = deterministic (Euler), 1 = ancestral
+    # ddpm: 'fixed_small' | 'fixed_large' | 'learned_range' (a model.learn_sigma model's own)
+    sampling.variance = "fixed_small"
+    # heun (EDM Alg. 2): churn, the sigma range it applies in, and the noise scale.
     sampling.s_churn = 0.0
     sampling.s_min = 0.0
     sampling.s_max = float("inf")
     sampling.s_noise = 1.0
-    # > 0: jump from x_T to this timestep with the data's Gaussian model (exact probability-flow
-    # map, stats of the train split stored in the workdir) and sample from there. 0 = off.
+    # dpm_solver++*, unipc: the update onto the last level at first order.
+    sampling.lower_order_final = True
+    sampling.order = 2  # unipc: the predictor's order (1-3; its corrector adds one)
+    # > 0: jump from the start noise to this ddpm timestep (gaussian_start_t) or level sigma
+    # (gaussian_start_sigma, any formulation) with the data's Gaussian model (exact
+    # probability-flow map, stats of the train split stored in the workdir) and sample from
+    # there. 0 = off.
     sampling.gaussian_start_t = 0
+    sampling.gaussian_start_sigma = 0.0
     sampling.clip_x0 = True
     sampling.temperature = 1.0
-    # ddpm: 'fixed_small' | 'fixed_large' | 'learned_range' (a model.learn_sigma model's own)
-    sampling.variance = "fixed_small"
     sampling.num_samples = 1000
     sampling.batch_size = 250  # per call; samples do not depend on it
     sampling.seed = 0

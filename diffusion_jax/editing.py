@@ -1,23 +1,25 @@
 """Image editing with a trained (unconditional or class-conditional) diffusion model.
 
-    sdedit   SDEdit (Meng et al. 2022): noise the input to t_s = round(strength * (T - 1)) with
-             q(x_t | x_0), then run any sampler from t_s down to 0. Low strength keeps the
-             input's layout and details, high strength keeps only its coarse structure.
+    sdedit   SDEdit (Meng et al. 2022): noise the input to the level a fraction `strength` along
+             the formulation's time axis (ddpm: t_s = round(strength * (T - 1)); flow: t =
+             strength; edm: sigma = strength * sigma_max) with the forward process, then run
+             any sampler from there down to clean data. Low strength keeps the input's layout
+             and details, high strength keeps only its coarse structure.
     inpaint  RePaint (Lugmayr et al. 2022): regenerate the unknown pixels with the ancestral
-             (DDPM) chain while, at every step, the known pixels are replaced by a fresh sample
-             of q(x_t | x_0) of the input; resampling ("jumps") re-noises the combined image a
-             few steps and denoises it again, so the generated region harmonises with the
-             known one.
+             chain on the sampler's grid while, at every step, the known pixels are replaced
+             by a fresh forward sample of the input; resampling ("jumps") re-noises the
+             combined image a few steps and denoises it again, so the generated region
+             harmonises with the known one.
 
-Both are pure and jittable (pass the parameters as arguments of a jitted function that builds
-`model_fn`, as for `samplers.sample`); string and integer options are static. Noise follows the
+Both work for every formulation (ddpm, edm, flow), through its denoiser and levels, in the
+samplers' x_vp coordinates. Both are pure and jittable (pass the parameters as arguments of a
+jitted function that builds `model_fn`, as for `samplers.sample`). Noise follows the
 samplers' convention: sample i uses key_i = fold_in(rng, sample_ids[i]), so an edit depends
 only on (rng, sample id, input, options), not on the batch it is computed in.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -25,11 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion, samplers
+from diffusion_jax import diffusion
+from diffusion_jax.formulations import DDPM, Formulation, vp_alpha, vp_noise
+from diffusion_jax.formulations.base import nearest_level
 from diffusion_jax.guidance import conditioned_model
 from diffusion_jax.samplers import ddpm
-from diffusion_jax.samplers.denoise import Denoiser
+from diffusion_jax.samplers.base import Denoiser, Level
 from diffusion_jax.samplers.noise import Noise, resolve_sample_ids
+from diffusion_jax.samplers.spec import SamplerSpec
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.values import is_int, is_real
 
@@ -38,10 +43,8 @@ Array = jax.Array
 # Named inpainting regions (the pixels that are regenerated); see `known_mask`.
 MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center")
 
-# `samplers.sample` arguments that sdedit sets itself.
-_SDEDIT_OWNED = ("x_init", "start_timestep", "return_trajectory", "shape")
-# The sampler options `samplers.validate_sampler_args` checks besides those sdedit names.
-_VALIDATED = ("timestep_spacing", *(f.name for f in dataclasses.fields(samplers.SamplerOptions)))
+# `samplers.run` arguments that sdedit sets itself.
+_SDEDIT_OWNED = ("x_init", "start_timestep", "start_sigma", "return_trajectory", "shape")
 
 
 def _check_images(x0: Any) -> tuple[int, ...]:
@@ -52,78 +55,85 @@ def _check_images(x0: Any) -> tuple[int, ...]:
 
 
 def sdedit_timestep(num_timesteps: int, strength: float) -> int:
-    """The timestep t_s = round(strength * (T - 1)) SDEdit noises the input to."""
+    """The timestep t_s = round(strength * (T - 1)) SDEdit noises the input to (ddpm)."""
+    _check_strength(strength)
+    return round(float(strength) * (num_timesteps - 1))
+
+
+def _check_strength(strength: Any) -> None:
     if not is_real(strength) or not 0.0 <= strength <= 1.0:
         raise ValueError(
             f"strength must be a number in [0, 1] (0 = input unchanged, 1 = start from "
-            f"t = T-1); got {strength!r}"
+            f"pure noise); got {strength!r}"
         )
-    return round(float(strength) * (num_timesteps - 1))
+
+
+def as_formulation(
+    process: Formulation | Schedule, prediction: str = "eps", learn_sigma: bool = False
+) -> Formulation:
+    """A formulation, or a schedule's ddpm formulation with `prediction` and `learn_sigma`."""
+    if isinstance(process, Schedule):
+        return DDPM(process, prediction=prediction, learn_sigma=learn_sigma)
+    return process
 
 
 def sdedit(
     model_fn: Callable[..., Array],
-    sch: Schedule,
+    process: Formulation | Schedule,
     x0: Array,
     rng: Array,
     *,
     strength: float,
-    sampler: str = "ddim",
-    num_steps: int = 50,
+    spec: SamplerSpec | None = None,
     prediction: str = "eps",
+    learn_sigma: bool = False,
     sample_ids: Array | None = None,
     labels: Array | None = None,
-    guidance_scale: Any = 1.0,
-    num_classes: int | None = None,
-    **sampler_options: Any,
+    **choices: Any,
 ) -> Array:
     """SDEdit: edited images (B, H, W, C) from inputs x0 (B, H, W, C) in [-1, 1].
 
-    x_ts = q_sample(x0, t_s) with t_s = `sdedit_timestep(T, strength)` and noise from
-    fold_in(key_i, 0) (the draw `samplers.sample` would use for x_T), then
-    `samplers.sample(..., x_init=x_ts, start_timestep=t_s, num_steps=min(num_steps, t_s + 1))`
-    with the given sampler and `sampler_options` (eta, clip_x0, temperature, timestep_spacing,
-    variance, lower_order_final). strength = 1 is plain sampling started from q_sample(x0, T-1);
-    t_s = 0 (strength < 0.5 / (T - 1)) returns x0 itself. With an ODE sampler ('dpm_solver++',
-    'heun') t_s must be >= 1 or 0 (they need two timesteps).
+    The input is noised to sigma_s = `Formulation.fraction_sigma(strength)` (a ddpm model's
+    level at t_s = `sdedit_timestep(T, strength)`) with noise from fold_in(key_i, 0) (the draw
+    the samplers use for their start), then sampled from there with `spec` (or a spec from the
+    flat `choices`: sampler, num_steps, eta, timestep_spacing, guidance_scale, ...), its grid
+    spaced over [sigma_s, 0] and, for a discrete model, at most as many levels as lie there.
+    strength = 0 returns x0 itself. process: a formulation, or a schedule with `prediction`
+    and `learn_sigma` (the ddpm formulation).
     Returns JAX's default float dtype. Raises ValueError for bad options, before tracing.
     """
     shape = _check_images(x0)
-    owned = sorted(set(sampler_options) & set(_SDEDIT_OWNED))
+    owned = sorted(set(choices) & set(_SDEDIT_OWNED))
     if owned:
         raise ValueError(f"sdedit sets {owned} itself; remove them from the sampler options")
-    t_start = sdedit_timestep(sch.num_timesteps, strength)
-    # Validate the sampler options here too, so t_s = 0 does not hide a bad option.
-    samplers.validate_sampler_args(
-        sampler=sampler,
-        num_steps=num_steps,
-        num_timesteps=sch.num_timesteps,
-        prediction=prediction,
-        **{k: v for k, v in sampler_options.items() if k in _VALIDATED},
-    )
+    formulation = as_formulation(process, prediction, learn_sigma)
+    spec = (spec or SamplerSpec()).choose(**choices)
+    _check_strength(strength)
+    # Validate the sampler options here too, so strength 0 does not hide a bad option.
+    spec.validate(formulation)
+    sigma_s = formulation.fraction_sigma(strength, spec.sigma_max)
     dtype = diffusion.float_dtype()
     x0 = jnp.asarray(x0, dtype)
     ids = resolve_sample_ids(sample_ids, shape[0])
-    if t_start == 0:
+    if sigma_s == 0.0:
         return x0
+    levels = formulation.levels
+    if levels is not None:
+        available = int(nearest_level(levels, np.asarray([sigma_s]))[0]) + 1
+        spec = spec.replace(num_steps=min(spec.num_steps, available))
     noise = Noise.for_samples(rng, ids, shape, dtype)(0)
-    x_start = diffusion.q_sample(sch, x0, jnp.full((shape[0],), t_start, jnp.int32), noise)
+    x_vp = vp_alpha(sigma_s) * x0 + vp_noise(sigma_s) * noise
+    x_start = (float(formulation.scale(sigma_s)) * x_vp).astype(dtype)
     return jnp.asarray(
-        samplers.sample(
+        spec.sample(
             model_fn,
-            sch,
+            formulation,
             shape,
             rng,
-            sampler=sampler,
-            num_steps=min(num_steps, t_start + 1),
-            prediction=prediction,
             sample_ids=ids,
             labels=labels,
-            guidance_scale=guidance_scale,
-            num_classes=num_classes,
             x_init=x_start,
-            start_timestep=t_start,
-            **sampler_options,
+            start_sigma=sigma_s,
         )
     )
 
@@ -208,69 +218,60 @@ def _check_mask(mask: Any, shape: tuple[int, ...]) -> None:
 
 def inpaint(
     model_fn: Callable[..., Array],
-    sch: Schedule,
+    process: Formulation | Schedule,
     x0: Array,
     mask: Array,
     rng: Array,
     *,
-    num_steps: int = 50,
     resample_steps: int = 10,
     jump_length: int = 1,
+    spec: SamplerSpec | None = None,
     prediction: str = "eps",
-    variance: str = "fixed_small",
-    clip_x0: bool = True,
-    temperature: Any = 1.0,
-    timestep_spacing: str = "linspace",
-    labels: Array | None = None,
-    guidance_scale: Any = 1.0,
-    num_classes: int | None = None,
-    sample_ids: Array | None = None,
     learn_sigma: bool = False,
+    labels: Array | None = None,
+    sample_ids: Array | None = None,
+    **choices: Any,
 ) -> Array:
     """RePaint inpainting: (B, H, W, C) images equal to x0 where mask = 1, generated elsewhere.
 
     x0: (B, H, W, C) in [-1, 1]; mask: bool or float (B, H, W, 1) or (B, H, W, C), 1 = known
     (kept) pixel, 0 = regenerate (values between blend the two). The chain is the ancestral
-    (DDPM) one on the N = num_steps timesteps of `samplers.get_timesteps(T, N,
-    timestep_spacing)` (respaced beta'_k = 1 - ab[tau_k] / ab[tau_{k+1}]; all T steps when
-    N = T), walked as `repaint_schedule(N, resample_steps, jump_length)`: each move re-noises
-    x with q(x_{tau_k} | x_{tau_e}) when it jumps back, then takes the reverse step
-    x_unknown ~ p(x_{tau_{k+1}} | x) (posterior mean of the clipped x0 prediction, `variance`
-    'fixed_small' | 'fixed_large' | 'learned_range', noise scaled by `temperature`), draws x_known ~
-    q(x_{tau_{k+1}} | x0) and sets x = mask * x_known + (1 - mask) * x_unknown. One lax.scan
-    of M model evaluations (M ~ N * resample_steps). The known pixels of the output are x0
-    exactly. labels / guidance_scale / num_classes / sample_ids / learn_sigma as in
-    `samplers.sample` ('learned_range' interpolates between the respaced chain's clipped
-    posterior variance and beta'_k, as the ddpm sampler does).
-    Noise of sample i: fold_in(key_i, 0) for x_T, fold_in(key_i, 1) for the first known draw,
-    fold_in(key_i, 3m + 2 .. 3m + 4) for the jump, reverse and known noise of move m.
-    The schedule must be concrete (numpy): the walk's coefficients are computed before tracing.
+    ('ddpm' sampler) one on the N = num_steps levels of the spec's grid (`spec`, or one from
+    the flat `choices`: num_steps, variance, clip_x0, temperature, timestep_spacing,
+    guidance_scale, num_classes; the spec's sampler is not used), read as a
+    variance-preserving chain ab_k = 1 / (1 + sigma_k^2), walked as `repaint_schedule(N,
+    resample_steps, jump_length)`: each move re-noises x with q(x_k | x_e) when it jumps back,
+    then takes the reverse step x_unknown ~ p(x_{k+1} | x) (posterior mean of the clipped x0
+    prediction, the spec's `variance`, noise scaled by its temperature), draws x_known ~
+    q(x_{k+1} | x0) and sets x = mask * x_known + (1 - mask) * x_unknown. One lax.scan of M
+    model evaluations (M ~ N * resample_steps). The known pixels of the output are x0
+    exactly. process: a formulation, or a schedule with `prediction` and `learn_sigma`.
+    Noise of sample i: fold_in(key_i, 0) for the start, fold_in(key_i, 1) for the first known
+    draw, fold_in(key_i, 3m + 2 .. 3m + 4) for the jump, reverse and known noise of move m.
     Returns JAX's default float dtype. Raises ValueError for bad options, before tracing.
     """
     shape = _check_images(x0)
     batch = shape[0]
-    samplers.validate_sampler_args(
-        sampler="ddpm",
-        num_steps=num_steps,
-        num_timesteps=sch.num_timesteps,
-        prediction=prediction,
-        timestep_spacing=timestep_spacing,
-        variance=variance,
-        temperature=temperature,
-        learn_sigma=learn_sigma,
-    )
+    formulation = as_formulation(process, prediction, learn_sigma)
+    spec = (spec or SamplerSpec(sampler="ddpm")).choose(sampler="ddpm", **choices)
+    spec.validate(formulation)
     _check_mask(mask, shape)
+    num_steps = spec.num_steps
     step, jump_from = repaint_schedule(num_steps, resample_steps, jump_length)
-    net = conditioned_model(model_fn, labels, guidance_scale, num_classes, batch)
+    net = conditioned_model(model_fn, labels, spec.guidance_scale, spec.num_classes, batch)
     ids = resolve_sample_ids(sample_ids, batch)
+    variance, temperature = spec.options.variance, spec.temperature
 
     # Per-move coefficients in float64 numpy; state N (the output) has ab = 1. The reverse
     # step k -> k + 1 is the ddpm sampler's on the same chain.
-    timesteps = samplers.get_timesteps(sch.num_timesteps, num_steps, timestep_spacing)
-    ab_chain = np.asarray(sch.alphas_cumprod, np.float64)[timesteps]
+    sigmas = formulation.round_sigma(spec.grid(formulation))
+    ab_chain = ddpm.chain_alphas_cumprod(sigmas)
     ab_states = np.concatenate([ab_chain, [1.0]])
     ab_next, ab_jump = ab_states[step + 1], ab_states[jump_from]
-    jump_ratio = ab_states[step] / ab_jump  # q(x_{tau_k} | x_{tau_e}) = N(sqrt(r) x, (1 - r) I)
+    # q(x_k | x_e) = N(sqrt(r) x, (1 - r) I); r = 1 where the move does not jump (also at
+    # ab = 0, pure noise).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        jump_ratio = np.where(step == jump_from, 1.0, ab_states[step] / ab_jump)
     reverse = (
         *ddpm.posterior_coefficients(ab_chain, variance),
         *ddpm.learned_range_bounds(ab_chain),
@@ -288,25 +289,19 @@ def inpaint(
     keep = jnp.broadcast_to(jnp.asarray(mask, dtype), shape)
     normal = Noise.for_samples(rng, ids, shape, dtype)
     denoise = Denoiser(
-        net=net,
-        sch=sch,
-        shape=shape,
-        prediction=prediction,
-        clip_x0=clip_x0,
-        learn_sigma=learn_sigma,
-        dtype=dtype,
+        net=net, formulation=formulation, shape=shape, clip_x0=spec.clip_x0, dtype=dtype
     )
 
     def bcast(c: Array) -> Array:
         return c.reshape((1,) * len(shape))
 
-    def body(x: Array, xs: tuple[Array, ...]) -> tuple[Array, None]:
-        m, t_step, a_jump, s_jump, a0, at, s, lo, hi, a_known, s_known = xs
+    def body(x: Array, xs: tuple[Any, ...]) -> tuple[Array, None]:
+        m, level, a_jump, s_jump, a0, at, s, lo, hi, a_known, s_known = xs
         x = bcast(a_jump) * x + bcast(s_jump) * normal(3 * m + 2)
         unknown, _ = ddpm.reverse_step(
             denoise,
             x,
-            t_step,
+            level,
             (bcast(a0), bcast(at), bcast(s), bcast(lo), bcast(hi)),
             normal(3 * m + 3),
             learned=variance == "learned_range",
@@ -319,9 +314,14 @@ def inpaint(
     x_start = normal(0)
     x_start = keep * (a_start * x0 + np.sqrt(1.0 - a_start**2) * normal(1)) + (1.0 - keep) * x_start
     moves = jnp.arange(step.shape[0], dtype=jnp.int32)
-    t_moves = jnp.asarray(timesteps[step], jnp.int32)
+    move_sigmas = sigmas[step]
+    levels = Level(
+        sigma=jnp.asarray(move_sigmas, dtype),
+        scale=jnp.asarray(formulation.scale(move_sigmas), dtype),
+        time=jnp.asarray(formulation.time(move_sigmas)),
+    )
     coefs = tuple(jnp.asarray(c, dtype) for c in per_move)
-    out, _ = jax.lax.scan(body, x_start.astype(dtype), (moves, t_moves, *coefs))
+    out, _ = jax.lax.scan(body, x_start.astype(dtype), (moves, levels, *coefs))
     # Known pixels exactly as given (the blend above is exact only where the mask is 1.0 and
     # the generated values are finite).
     return jnp.where(keep >= 1.0, x0, out)

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffusion_jax import diffusion, edm, posthoc_ema, schedules
+from diffusion_jax import posthoc_ema
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.formulations import Formulation
 from diffusion_jax.models.unet import UNet
 
 PyTree = Any
@@ -151,9 +152,9 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: str) -> jax.Array:
 
 def make_train_step(
     model: UNet,
-    schedule: schedules.Schedule,
+    formulation: Formulation,
     optimizer: optax.GradientTransformation,
-    diffusion_config: Any,
+    label_dropout: float,
     ema_decay: float,
     ema_warmup: str = "none",
     posthoc_gammas: tuple[float, ...] = (),
@@ -165,9 +166,9 @@ def make_train_step(
     ema_decay, ema_warmup)`. With `posthoc_gammas` (one per `state.posthoc_emas`), the
     power-function EMAs are updated too (`posthoc_ema.update`), also on a skipped step: with the
     unchanged parameters, so they stay the exact power-function averages of the parameter
-    sequence. diffusion_config's `formulation` picks the loss: 'ddpm' (default)
-    `diffusion.training_loss` on `schedule`; 'edm' `edm.EDM.training_loss` (the schedule is
-    then unused). gather_params: applied to the parameters where the model uses
+    sequence. The loss is the formulation's (`Formulation.training_loss`); a class-conditional
+    model's labels are dropped to the null class with probability label_dropout (classifier-free
+    guidance training). gather_params: applied to the parameters where the model uses
     them (`parallel.gather_params_fn`: under FSDP, gather them whole, so that the batch stays
     split and the parameters, not the activations, travel); None = use them as they are.
 
@@ -177,9 +178,8 @@ def make_train_step(
     'nonfinite_steps' and 'consecutive_nonfinite' (the state's counters after the step).
     """
     conditional = model.num_classes is not None
-    edm_process = (
-        edm.from_config(diffusion_config) if edm.formulation_of(diffusion_config) == "edm" else None
-    )
+    if conditional and not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1]; got {label_dropout}")
 
     def loss_fn(params: PyTree, batch: Batch, rng: jax.Array) -> jax.Array:
         dropout_rng, loss_rng = jax.random.split(rng)
@@ -192,33 +192,16 @@ def make_train_step(
             )
             return cast(jax.Array, out)
 
-        if edm_process is not None:
-            # EDM (Karras et al. 2022): lognormal sigma, preconditioned denoiser, lambda(sigma).
-            return jnp.mean(
-                edm_process.training_loss(
-                    model_fn,
-                    batch["image"],
-                    loss_rng,
-                    labels=batch["label"] if conditional else None,
-                    num_classes=model.num_classes,
-                    label_dropout=diffusion_config.label_dropout if conditional else 0.0,
-                )
+        return jnp.mean(
+            formulation.training_loss(
+                model_fn,
+                batch["image"],
+                loss_rng,
+                labels=batch["label"] if conditional else None,
+                num_classes=model.num_classes,
+                label_dropout=label_dropout if conditional else 0.0,
             )
-        per_example = diffusion.training_loss(
-            model_fn,
-            schedule,
-            batch["image"],
-            loss_rng,
-            prediction=diffusion_config.prediction,
-            weighting=diffusion_config.loss_weighting,
-            min_snr_gamma=diffusion_config.min_snr_gamma,
-            labels=batch["label"] if conditional else None,
-            num_classes=model.num_classes,
-            label_dropout=diffusion_config.label_dropout if conditional else 0.0,
-            learn_sigma=model.learn_sigma,
-            vlb_weight=diffusion_config.get("vlb_weight", 0.001),
         )
-        return jnp.mean(per_example)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)

@@ -1,7 +1,8 @@
 """Pictures of the diffusion process: forward-noising strips, reverse trajectories and GIFs.
 
     forward_strip(sch, x0, timesteps, rng)       q(x_t | x0) at chosen t, one row per image
-    reverse_frames(model_fn, sch, shape, rng)    x_t and the x0 prediction at every model call
+    forward_strip_levels(formulation, x0, sigmas, rng)   the same at levels of any formulation
+    reverse_frames(model_fn, process, shape, rng)   x_t and the x0 prediction at every model call
     trajectory_strip(frames)                     rows x_t / x0_pred at evenly spaced calls
     gif_frames(frames) + save_gif(path, ...)     the reverse process as an animated GIF
 
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import diffusion, images, samplers
+from diffusion_jax import images, samplers
+from diffusion_jax.formulations import DDPM, Formulation, vp_alpha, vp_noise
 from diffusion_jax.schedules import Schedule
 
 Array = jax.Array
@@ -29,8 +31,9 @@ Array = jax.Array
 class ReverseFrames(NamedTuple):
     """A reverse process recorded at its K model evaluations (numpy float32).
 
-    timesteps: int32 (K,); x_t: (K, B, H, W, C) model inputs; x0_pred: (K, B, H, W, C) x0
-    predictions; samples: (B, H, W, C) the sampler's output.
+    timesteps: (K,) the network's time inputs (int32 timesteps for the ddpm formulation);
+    x_t: (K, B, H, W, C) model inputs; x0_pred: (K, B, H, W, C) x0 predictions; samples:
+    (B, H, W, C) the sampler's output.
     """
 
     timesteps: np.ndarray
@@ -75,48 +78,82 @@ def forward_strip(
             f"timesteps must lie in [0, {sch.num_timesteps - 1}] (the schedule's T - 1); "
             f"got {ts.tolist()}"
         )
-    batch, num_t = x.shape[0], ts.shape[0]
-    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(rng, i), x.shape[1:]))(
-        jnp.arange(batch)
+    levels = np.asarray(sch.alphas_cumprod, np.float64)
+    sigmas = np.sqrt((1.0 - levels) / levels)[ts]
+    return forward_strip_levels(DDPM(sch), x, sigmas, rng, padding=padding)
+
+
+def forward_strip_levels(
+    formulation: Formulation,
+    x0: Any,
+    sigmas: Sequence[float] | np.ndarray,
+    rng: Array,
+    *,
+    padding: int = 1,
+) -> np.ndarray:
+    """uint8 strip of the formulation's forward process at each level of `sigmas` (one column
+    each; 0 = the clean image, inf = pure noise), in its own coordinates (what its network
+    sees). x0 and the noise as for `forward_strip`."""
+    x = np.asarray(x0, np.float32)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"x0 must be (H, W, C) or (B, H, W, C); got shape {x.shape}")
+    sig = np.asarray(sigmas, np.float64)
+    if sig.ndim != 1 or sig.size == 0 or np.any(np.isnan(sig)) or np.any(sig < 0):
+        raise ValueError(f"sigmas must be a non-empty 1-D sequence of levels >= 0; got {sigmas!r}")
+    batch, num_t = x.shape[0], sig.shape[0]
+    noise = np.asarray(
+        jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(rng, i), x.shape[1:]))(
+            jnp.arange(batch)
+        ),
+        np.float64,
     )
-    # (B, K, H, W, C): every image at every timestep, with its own noise for all t.
-    x_rep = jnp.repeat(jnp.asarray(x)[:, None], num_t, axis=1).reshape(-1, *x.shape[1:])
-    noise_rep = jnp.repeat(noise[:, None], num_t, axis=1).reshape(-1, *x.shape[1:])
-    t_rep = jnp.tile(jnp.asarray(ts, jnp.int32), batch)
-    x_t = diffusion.q_sample(sch, x_rep, t_rep, noise_rep)
-    return images.make_grid(images.to_uint8(np.asarray(x_t)), ncols=num_t, padding=padding)
+    a, s = vp_alpha(sig), vp_noise(sig)
+    scale = np.where(sig > 0, formulation.scale(np.where(sig > 0, sig, 1.0)), 1.0)
+    shape = (1, num_t) + (1,) * (x.ndim - 1)
+    x_t = scale.reshape(shape) * (
+        a.reshape(shape) * x[:, None].astype(np.float64) + s.reshape(shape) * noise[:, None]
+    )
+    tiles = x_t.reshape(-1, *x.shape[1:]).astype(np.float32)
+    return images.make_grid(images.to_uint8(tiles), ncols=num_t, padding=padding)
 
 
 def reverse_frames(
     model_fn: Callable[..., Array],
-    sch: Schedule,
+    process: Formulation | Schedule,
     shape: tuple[int, ...],
     rng: Array,
     *,
     labels: Any = None,
+    spec: samplers.SamplerSpec | None = None,
     **sampler_options: Any,
 ) -> ReverseFrames:
-    """Run `samplers.sample(model_fn, sch, shape, rng, return_trajectory=True, ...)` jitted
+    """Run `spec` (or `samplers.sample`'s flat `sampler_options`: sampler, num_steps, eta,
+    prediction, guidance_scale, num_classes, ...) with return_trajectory=True, jitted
     (model_fn, and the parameters it closes over, are compiled in, as in `Run.sample`).
 
-    shape: (B, H, W, C); labels: (B,) int or None; sampler_options: sampler, num_steps, eta,
-    prediction, guidance_scale, num_classes, ... as for `samplers.sample`. K, the number of
-    recorded model evaluations, is num_steps (2 num_steps - 1 for heun).
+    process: a formulation, or a schedule (the ddpm formulation with sampler_options'
+    prediction). shape: (B, H, W, C); labels: (B,) int or None. K, the number of recorded model
+    evaluations, is num_steps (2 num_steps - 1 for heun).
     """
     if "return_trajectory" in sampler_options:
         raise ValueError("reverse_frames sets return_trajectory itself; remove it")
     shape = tuple(shape)
 
     def run(rng: Array, labels: Array | None) -> tuple[Array, samplers.Trajectory]:
+        if spec is not None:
+            assert not isinstance(process, Schedule), "pass a formulation with a spec"
+            return spec.sample(model_fn, process, shape, rng, labels=labels, return_trajectory=True)
         out, traj = samplers.sample(
-            model_fn, sch, shape, rng, labels=labels, return_trajectory=True, **sampler_options
+            model_fn, process, shape, rng, labels=labels, return_trajectory=True, **sampler_options
         )
         return out, traj
 
     # Bad options raise while tracing, before anything is compiled.
     out, traj = jax.jit(run)(rng, None if labels is None else jnp.asarray(labels, jnp.int32))
     return ReverseFrames(
-        timesteps=np.asarray(traj.timesteps, np.int32),
+        timesteps=np.asarray(traj.timesteps),
         x_t=np.asarray(traj.x_t, np.float32),
         x0_pred=np.asarray(traj.x0_pred, np.float32),
         samples=np.asarray(out, np.float32),

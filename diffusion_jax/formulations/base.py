@@ -104,9 +104,7 @@ class Formulation(abc.ABC):
     time_dtype: ClassVar[Any] = np.float32
 
     @abc.abstractmethod
-    def denoised(
-        self, net: Net, x: Array, sigma: Array, time: Array
-    ) -> tuple[Array, Array | None]:
+    def denoised(self, net: Net, x: Array, sigma: Array, time: Array) -> tuple[Array, Array | None]:
         """(x0 prediction (B, ...), variance values (B, ...) or None) at own-coordinate x and
         one level: sigma and the network time `time` (scalars)."""
 

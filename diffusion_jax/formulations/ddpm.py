@@ -77,9 +77,7 @@ class DDPM(Formulation):
         t = round(float(fraction) * (self.num_timesteps - 1))
         return float(self.levels[t]) if t > 0 else 0.0
 
-    def denoised(
-        self, net: Net, x: Array, sigma: Array, time: Array
-    ) -> tuple[Array, Array | None]:
+    def denoised(self, net: Net, x: Array, sigma: Array, time: Array) -> tuple[Array, Array | None]:
         t = jnp.full((x.shape[0],), time, dtype=jnp.int32)
         out_shape = (*x.shape[:-1], 2 * x.shape[-1]) if self.learn_sigma else x.shape
         out = net(x, t)

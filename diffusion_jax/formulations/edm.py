@@ -121,9 +121,7 @@ class EDM(Formulation):
     def sigma_of_time(self, time: Array) -> Array:
         return jnp.exp(4.0 * jnp.asarray(time, jnp.float32) / NOISE_INPUT_SCALE)
 
-    def denoised(
-        self, net: Net, x: Array, sigma: Array, time: Array
-    ) -> tuple[Array, Array | None]:
+    def denoised(self, net: Net, x: Array, sigma: Array, time: Array) -> tuple[Array, Array | None]:
         s = bcast(sigma, x)
         time = jnp.broadcast_to(jnp.asarray(time, jnp.float32), (x.shape[0],))
         f = net((self.c_in(s) * x).astype(x.dtype), time)
@@ -146,7 +144,7 @@ class EDM(Formulation):
         n = jax.random.normal(rng, (batch,), jnp.float32)
         return jnp.exp(self.p_mean + self.p_std * n)
 
-    def training_loss(  # type: ignore[override]
+    def training_loss(
         self,
         model_fn: Callable[..., Array],
         x0: Array,

@@ -75,9 +75,7 @@ class Flow(Formulation):
         t = jnp.asarray(time, jnp.float32) / FLOW_TIME_SCALE
         return t / (1.0 - t)
 
-    def denoised(
-        self, net: Net, x: Array, sigma: Array, time: Array
-    ) -> tuple[Array, Array | None]:
+    def denoised(self, net: Net, x: Array, sigma: Array, time: Array) -> tuple[Array, Array | None]:
         time = jnp.broadcast_to(jnp.asarray(time, jnp.float32), (x.shape[0],))
         v = net(x, time)
         if v.shape != x.shape:
@@ -87,7 +85,10 @@ class Flow(Formulation):
 
     def target(self, x: Array, sigma: Array, x0: Array) -> Array:
         s = bcast(sigma, x)
-        return (x - x0) * (1.0 + s) / s  # v = (x_t - x0) / t
+        # v = (x_t - x0) / t with t = sigma / (1 + sigma), 1 at sigma = inf (pure noise), where
+        # (1 + sigma) / sigma would be inf / inf.
+        t = jnp.where(jnp.isinf(s), 1.0, s / (1.0 + s))
+        return (x - x0) / t
 
     def spacing_sigma(self, u: np.ndarray, sigma_max: float) -> np.ndarray:
         u = np.asarray(u, np.float64)
@@ -107,7 +108,7 @@ class Flow(Formulation):
             t = jax.nn.sigmoid(self.logit_mean + self.logit_std * n)
         return self.shifted(t)
 
-    def training_loss(  # type: ignore[override]
+    def training_loss(
         self,
         model_fn: Callable[..., Array],
         x0: Array,

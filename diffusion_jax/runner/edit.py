@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax import checkpointing, editing, edm, images, samplers
+from diffusion_jax import checkpointing, editing, images, samplers
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.runner import generate, loading, validation
@@ -69,11 +69,6 @@ def check_edit(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if edm.formulation_of(config.diffusion) == "edm":
-        raise ConfigError(
-            "the editing and visualize modes run the ddpm formulation's timestep chain; they are "
-            "not implemented for diffusion.formulation='edm' (use --mode=sample or eval)"
-        )
 
 
 # The config sections the editing and visualisation modes use.
@@ -125,7 +120,7 @@ def _sdedit_fn(run: loading.Run, strength: float, spec: samplers.SamplerSpec) ->
     def edit(params: Any, x: jax.Array, rng: jax.Array, labels: Any) -> jax.Array:
         model_fn = run.setup.model_fn(params)
         return editing.sdedit(
-            model_fn, run.schedule, x, rng, strength=strength, labels=labels, **spec.kwargs()
+            model_fn, run.formulation, x, rng, strength=strength, spec=spec, labels=labels
         )
 
     return edit
@@ -178,8 +173,9 @@ def inpaint_mode(
 ) -> list[str]:
     """RePaint-inpaint the edit.mask region of the first edit.num_images images of edit.split.
 
-    The chain has sampling.num_steps steps (ancestral, with sampling.variance, clip_x0,
-    temperature, timestep_spacing and guidance_scale; sampling.sampler is not used) and
+    The chain has sampling.num_steps levels (ancestral, with sampling.variance, clip_x0,
+    temperature, the grid of timestep_spacing and guidance_scale; sampling.sampler is not
+    used) and
     edit.resample_steps resamplings with jumps of edit.jump_length (default 1).
     Writes edits/inpaint_<mask>_<steps>steps_U<resample>_seed<seed>.png (rows: inputs, inputs
     with the region grey, results) and .npz (inputs, masked, outputs uint8 (B, H, W, C),
@@ -191,41 +187,28 @@ def inpaint_mode(
     e = config.edit
     keep = editing.known_mask(e.mask, x0.shape[1], x0.shape[2])
     cond_labels = None if run.num_classes is None else jnp.asarray(labels)
-    options = spec.kwargs()
-    inpaint_options = {
-        k: options[k]
-        for k in (
-            "num_steps",
-            "prediction",
-            "variance",
-            "clip_x0",
-            "temperature",
-            "timestep_spacing",
-            "guidance_scale",
-            "num_classes",
-            "learn_sigma",
-        )
-    }
+    # The ancestral sampler on the configured grid: an unset spacing means ddpm's default.
+    spec = spec.choose(sampler="ddpm", variance=config.sampling.variance)
 
     @jax.jit
     def edit(params: Any, x: jax.Array, rng: jax.Array, labels: Any) -> jax.Array:
         return editing.inpaint(
             run.setup.model_fn(params),
-            run.schedule,
+            run.formulation,
             x,
             jnp.broadcast_to(jnp.asarray(keep), (x.shape[0], *keep.shape)),
             rng,
             resample_steps=e.resample_steps,
             jump_length=e.get("jump_length", 1),
             labels=labels,
-            **inpaint_options,
+            spec=spec,
         )
 
     result = edit(run.params, x0, jax.random.PRNGKey(e.seed), cond_labels)
     inputs = images.to_uint8(x0)
     outputs = images.to_uint8(generate.check_finite(np.asarray(result)))
     masked = images.to_uint8(np.where(keep, x0, 0.0))  # the regenerated region in mid-grey
-    name = f"inpaint_{e.mask}_{options['num_steps']}steps_U{e.resample_steps}_seed{e.seed}"
+    name = f"inpaint_{e.mask}_{spec.num_steps}steps_U{e.resample_steps}_seed{e.seed}"
     png = workdir_lib.contained_path(workdir, "edits", name + ".png")
     npz = workdir_lib.contained_path(workdir, "edits", name + ".npz")
     _save_grid(png, np.concatenate([inputs, masked, outputs]), ncols=len(inputs))

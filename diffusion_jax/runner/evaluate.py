@@ -39,13 +39,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpointing, edm, likelihood, parallel, samplers
+from diffusion_jax import checkpointing, likelihood, parallel, samplers
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import ConfigError, MissingEvalInputError
 from diffusion_jax.evaluation import metrics as metrics_lib
 from diffusion_jax.evaluation import reference
 from diffusion_jax.evaluation.features import FeatureNetwork
 from diffusion_jax.runner import ema_snapshots, generate, validation, workdir_lock
+from diffusion_jax.runner import formulation as formulation_lib
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
@@ -72,7 +73,8 @@ def eval_name(config: ml_collections.ConfigDict) -> str:
     spec = samplers.SamplerSpec.from_config(config)
     # Every sampler setting from the spec; temperature and clipping after the label, as names
     # have always been composed, so existing evals keep resuming.
-    parts = [spec.replace(temperature=1.0, clip_x0=True).name()]
+    formulation = formulation_lib.from_config(config)
+    parts = [spec.replace(temperature=1.0, clip_x0=True).name(formulation)]
     if s.label >= 0:
         parts.append(f"label{s.label}")
     if s.temperature != 1.0:
@@ -111,11 +113,11 @@ def check_eval(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if e.bpd_num_images > 0 and edm.formulation_of(config.diffusion) == "edm":
+    if e.bpd_num_images > 0 and not formulation_lib.from_config(config).has_discrete_vlb:
         raise ConfigError(
-            "eval.bpd_num_images > 0 computes the ddpm formulation's discrete-time bits/dim; an "
-            "edm run's likelihood (probability-flow ODE) is not implemented: set "
-            "--config.eval.bpd_num_images=0"
+            "eval.bpd_num_images > 0 computes the ddpm formulation's discrete-time bits/dim; a "
+            f"{formulation_lib.name_of(config)} run's likelihood (probability-flow ODE) is not "
+            "implemented: set --config.eval.bpd_num_images=0"
         )
     if e.name:
         workdir_lib.output_name(e.name, "eval.name")

@@ -17,11 +17,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax import diffusion, edm, images, parallel, samplers, schedules
+from diffusion_jax import diffusion, formulations, images, parallel, samplers
 from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.errors import NonFiniteError
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.runner import ema_snapshots
+from diffusion_jax.runner import formulation as formulation_lib
 from diffusion_jax.runner import workdir as workdir_lib
 
 PyTree = Any
@@ -35,7 +36,8 @@ def sample_name(config: ml_collections.ConfigDict) -> str:
     or 'dpm_solverpp20_gs900_seed0'."""
     if config.sampling.name:
         return workdir_lib.output_name(config.sampling.name, "sampling.name")
-    parts = [samplers.SamplerSpec.from_config(config).name()]
+    spec = samplers.SamplerSpec.from_config(config)
+    parts = [spec.name(formulation_lib.from_config(config))]
     if config.sampling.label >= 0:
         parts.append(f"label{config.sampling.label}")
     if (sigma_rel := ema_snapshots.parse_params(config.sampling.get("params", "ema"))) is not None:
@@ -71,7 +73,7 @@ def device_batch_size(batch_size: int, num_devices: int, num_samples: int | None
 
 def make_sample_fn(
     model: UNet,
-    schedule: schedules.Schedule | edm.EDM,
+    formulation: formulations.Formulation,
     spec: samplers.SamplerSpec,
     image_shape: tuple[int, int, int],
     batch_size: int,
@@ -81,7 +83,7 @@ def make_sample_fn(
 ) -> SampleFn:
     """`fn(params, rng, sample_ids (B,), labels (B,) | None) -> (B, H, W, C) float32`, jitted.
 
-    data_gaussian: the data's Gaussian model for `spec.gaussian_start_t` (passed to the
+    data_gaussian: the data's Gaussian model for a Gaussian start (passed to the
     compiled sampler as a replicated argument, not embedded in it).
     The batch axis is sharded over the mesh; params (gathered onto every device if they are
     split along 'fsdp') and rng (uint32 (2,) key data) are replicated. rng, ids and labels may
@@ -104,7 +106,7 @@ def make_sample_fn(
             jax.Array,
             spec.sample(
                 model_fn,
-                schedule,
+                formulation,
                 (batch_size, *image_shape),
                 rng,
                 labels=labels,

@@ -18,7 +18,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffusion_jax import checkpointing, diffusion, samplers, schedules, train_state
+from diffusion_jax import (
+    checkpointing,
+    diffusion,
+    formulations,
+    samplers,
+    schedules,
+    train_state,
+)
 from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.runner import ema_snapshots, xla_options
 from diffusion_jax.runner import workdir as workdir_lib
@@ -60,6 +67,10 @@ class Run:
         return self.setup.schedule
 
     @property
+    def formulation(self) -> formulations.Formulation:
+        return self.setup.formulation
+
+    @property
     def num_classes(self) -> int | None:
         return self.setup.num_classes
 
@@ -88,16 +99,18 @@ class Run:
         num_samples, non-array keywords): calling again with the same options, any seed or
         labels, compiles nothing.
         """
-        fields = {f.name for f in dataclasses.fields(samplers.SamplerSpec)}
-        spec = self.sampler_spec().replace(
-            **{k: v for k, v in sampler_kwargs.items() if k in fields}
-        )
-        inputs = {k: v for k, v in sampler_kwargs.items() if k not in fields}
+        names = samplers.choice_names()
+        spec = self.sampler_spec().choose(**{k: v for k, v in sampler_kwargs.items() if k in names})
+        inputs = {k: v for k, v in sampler_kwargs.items() if k not in names}
+        if "start_timestep" in inputs:
+            inputs["start_sigma"] = samplers.start_timestep_sigma(
+                self.formulation, inputs.pop("start_timestep"), spec.num_steps
+            )
         arrays = {k: v for k, v in inputs.items() if isinstance(v, np.ndarray | jax.Array)}
         static = tuple(sorted((k, v) for k, v in inputs.items() if k not in arrays))
         shape = (num_samples, *self.setup.image_shape)
         gaussian = None
-        if spec.gaussian_start_t:
+        if spec.start_sigma(self.formulation) is not None:
             gaussian = self.setup.data_gaussian(self.workdir).as_arrays(diffusion.float_dtype())
         key = (spec, shape, static)
         generate = self._samplers.get(key)
@@ -128,7 +141,7 @@ class Run:
                 jax.Array,
                 spec.sample(
                     setup.model_fn(params),
-                    setup.process,
+                    setup.formulation,
                     shape,
                     rng,
                     labels=labels,

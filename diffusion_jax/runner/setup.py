@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from diffusion_jax import (
     checkpointing,
-    edm,
+    formulations,
     parallel,
     posthoc_ema,
     samplers,
@@ -29,6 +29,7 @@ from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.errors import ConfigError, DatasetNotPreparedError, NoCheckpointError
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.runner import ema_snapshots, generate, validation, xla_options
+from diffusion_jax.runner import formulation as formulation_lib
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.validation import validate_against_dataset
 
@@ -56,9 +57,10 @@ class ModelSetup:
         validate_against_dataset(config, self.info.num_classes)
         self.image_shape: tuple[int, int, int] = tuple(self.info.image_shape)  # type: ignore[assignment]
         self.model: UNet = train_state.create_model(config.model, self.info.num_classes)
+        # What the model is: its formulation (`diffusion.formulation`), which the train step's
+        # loss and every sampler ask; `schedule` is the ddpm formulation's.
+        self.formulation: formulations.Formulation = formulation_lib.from_config(config)
         self.schedule = schedules.from_config(config.diffusion)
-        # What the samplers take: the schedule, or the run's `edm.EDM` (formulation 'edm').
-        self.process: schedules.Schedule | edm.EDM = edm.sampling_process(config.diffusion)
         self.optimizer = train_state.create_optimizer(config.training)
         # The tracked post-hoc EMAs (training.posthoc_ema_every > 0; .get: configs saved before
         # the keys existed track none).
@@ -166,9 +168,9 @@ class ModelSetup:
         return jit_train_step(
             train_state.make_train_step(
                 self.model,
-                self.schedule,
+                self.formulation,
                 self.optimizer,
-                self.config.diffusion,
+                self.config.diffusion.label_dropout,
                 self.config.training.ema_decay,
                 self.config.training.ema_warmup,
                 self.posthoc_gammas,
@@ -191,7 +193,7 @@ class ModelSetup:
         spec = spec or self.sampler_spec()
         return generate.make_sample_fn(
             self.model,
-            self.process,
+            self.formulation,
             spec,
             self.image_shape,
             batch_size,

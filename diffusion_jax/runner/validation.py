@@ -22,10 +22,11 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from diffusion_jax import diffusion, edm, posthoc_ema, samplers, schedules, train_state
+from diffusion_jax import diffusion, posthoc_ema, samplers, schedules, train_state
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import validate_unet_config
 from diffusion_jax.runner import ema_snapshots, xla_options
+from diffusion_jax.runner import formulation as formulation_lib
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.values import is_int, is_real
 
@@ -138,48 +139,12 @@ def check_diffusion(config: ml_collections.ConfigDict, num_devices: int) -> None
         ]
     )
     _reraise(lambda: schedules.from_config(d))
-    _check_formulation(config)
+    formulation_lib.check(config)
     if d.get("zero_terminal_snr", False) and d.prediction == "eps":
         raise ConfigError(
             "diffusion.zero_terminal_snr=True makes the last timestep pure noise, where an eps "
             "model cannot tell x0; use --config.diffusion.prediction=v (Lin et al.) or x0"
         )
-
-
-# The diffusion keys the EDM formulation has no use for, with the value it needs them at.
-_EDM_FIXED_KEYS = (
-    ("diffusion.prediction", "eps"),
-    ("diffusion.loss_weighting", "simple"),
-    ("diffusion.zero_terminal_snr", False),
-    ("model.learn_sigma", False),
-)
-
-
-def _check_formulation(config: ml_collections.ConfigDict) -> None:
-    """`diffusion.formulation` and, for 'edm', its constants and the keys it cannot honour."""
-    d = config.diffusion
-    formulation = edm.formulation_of(d)
-    if formulation not in edm.FORMULATIONS:
-        raise ConfigError(f"diffusion.formulation={formulation!r}; use one of {edm.FORMULATIONS}")
-    if formulation != "edm":
-        return
-    for key, needed in _EDM_FIXED_KEYS:
-        section, leaf = key.split(".")
-        value = config[section].get(leaf, needed)
-        if value != needed:
-            raise ConfigError(
-                f"{key}={value!r} has no meaning for diffusion.formulation='edm' (its network "
-                f"is preconditioned and trained with lambda(sigma)); leave it at {needed!r}"
-            )
-    for key in ("sigma_data", "p_std"):
-        value = d.get(key)
-        if not (_finite(value) and value > 0):
-            raise ConfigError(
-                f"diffusion.{key}={value!r}; use a finite value > 0 (EDM: "
-                f"{'0.5' if key == 'sigma_data' else '1.2'})"
-            )
-    if not _finite(d.get("p_mean")):
-        raise ConfigError(f"diffusion.p_mean={d.get('p_mean')!r}; use a finite value (EDM: -1.2)")
 
 
 def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -295,8 +260,11 @@ def check_sampling(config: ml_collections.ConfigDict, num_devices: int) -> None:
             "sampling.guidance_scale needs a class-conditional model; set "
             "model.class_conditional=True when training, or leave guidance_scale=1.0"
         )
-    spec = samplers.SamplerSpec.from_config(config)
-    _reraise(lambda: spec.validate(edm.sampling_process(config.diffusion)))
+    _reraise(
+        lambda: samplers.SamplerSpec.from_config(config).validate(
+            formulation_lib.from_config(config)
+        )
+    )
     if not is_int(s.batch_size) or s.batch_size < 1:
         raise ConfigError(
             f"sampling.batch_size={s.batch_size!r}; use 1 or more (it is rounded to a multiple "

@@ -27,7 +27,8 @@ def visualize_mode(
     """Pictures of the forward and reverse processes of the run in `workdir`.
 
     visualize/forward_strip.png: the first edit.num_images images of edit.split noised to
-    FORWARD_STRIP_COLUMNS timesteps evenly spaced over [0, T - 1] (one row each).
+    FORWARD_STRIP_COLUMNS levels evenly spaced along the formulation's time axis, from the clean
+    image to its top level (one row each; `Formulation.fraction_sigma`).
     visualize/reverse_<sampler><steps>_seed<seed>.png: edit.num_images samples drawn with
     config.sampling, rows x_t / x0 prediction at REVERSE_STRIP_COLUMNS evenly spaced model
     evaluations; .gif: one frame per model evaluation (x_t above, x0 prediction below).
@@ -38,15 +39,17 @@ def visualize_mode(
     x0, _ = source_images(config)
     spec = run.sampler_spec()
     rng = jax.random.PRNGKey(config.edit.seed)
-    num_t = run.schedule.num_timesteps
-    timesteps = visualize.evenly_spaced(num_t, FORWARD_STRIP_COLUMNS)
-    forward = visualize.forward_strip(run.schedule, x0, timesteps, jax.random.fold_in(rng, 1))
+    fractions = np.linspace(0.0, 1.0, FORWARD_STRIP_COLUMNS)
+    sigmas = [run.formulation.fraction_sigma(u, spec.sigma_max) for u in fractions]
+    forward = visualize.forward_strip_levels(
+        run.formulation, x0, sigmas, jax.random.fold_in(rng, 1)
+    )
 
     num = config.edit.num_images
     labels_fn = run.setup.labels_fn()
     labels = None if labels_fn is None else labels_fn(np.arange(num))
     frames = visualize.reverse_frames(
-        run.model_fn(), run.schedule, (num, *x0.shape[1:]), rng, labels=labels, **spec.kwargs()
+        run.model_fn(), run.formulation, (num, *x0.shape[1:]), rng, labels=labels, spec=spec
     )
     name = f"reverse_{spec.tag}_seed{config.edit.seed}"
     paths = [

@@ -43,8 +43,9 @@ from diffusion_jax.samplers import unipc as unipc
 
 # isort: on
 from diffusion_jax.samplers.base import Chain, Denoiser, Level, Sampler, Scan
-from diffusion_jax.samplers.driver import Trajectory, prior_sigma, run, sample, spec_from_keywords
+from diffusion_jax.samplers.driver import Trajectory, prior_sigma, run
 from diffusion_jax.samplers.grid import SPACINGS, sigma_grid
+from diffusion_jax.samplers.keywords import sample, spec_from_keywords, start_timestep_sigma
 from diffusion_jax.samplers.registry import (
     all_names,
     canonical_name,
@@ -54,7 +55,7 @@ from diffusion_jax.samplers.registry import (
     unregister,
 )
 from diffusion_jax.samplers.spacing import TIMESTEP_SPACINGS, get_timesteps
-from diffusion_jax.samplers.spec import SamplerSpec, default_spacing
+from diffusion_jax.samplers.spec import SamplerSpec, choice_names, default_spacing
 
 # The built-in samplers; `names()` also lists samplers registered later.
 SAMPLERS = names()
@@ -72,6 +73,7 @@ __all__ = [
     "Trajectory",
     "all_names",
     "canonical_name",
+    "choice_names",
     "default_spacing",
     "get_sampler",
     "get_timesteps",
@@ -82,5 +84,6 @@ __all__ = [
     "sample",
     "sigma_grid",
     "spec_from_keywords",
+    "start_timestep_sigma",
     "unregister",
 ]

@@ -32,7 +32,9 @@ class DDIMOptions:
 
     def check(self) -> None:
         if not is_real(self.eta) or not self.eta >= 0.0:
-            raise ValueError(f"eta must be a number >= 0 (0 = deterministic DDIM); got {self.eta!r}")
+            raise ValueError(
+                f"eta must be a number >= 0 (0 = deterministic DDIM); got {self.eta!r}"
+            )
 
 
 def _ratio_drop(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -27,9 +27,8 @@ num_steps = 3 and lower_order_final, dpm_solver++ equals ddim.
 
 from __future__ import annotations
 
-from typing import Any
-
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp

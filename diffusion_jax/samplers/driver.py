@@ -1,9 +1,8 @@
 """Running a `SamplerSpec`: the model, noise, start and grid every sampler shares, then the
-sampler's scan (`run`); and `sample`, the same from flat keyword arguments."""
+sampler's scan (`run`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -13,13 +12,10 @@ import numpy as np
 
 from diffusion_jax import diffusion
 from diffusion_jax.data_gaussian import DataGaussian
-from diffusion_jax.formulations import DDPM, Formulation, vp_alpha
+from diffusion_jax.formulations import Formulation, vp_alpha
 from diffusion_jax.guidance import conditioned_model
-from diffusion_jax.samplers import registry
 from diffusion_jax.samplers.base import Chain, Denoiser
 from diffusion_jax.samplers.noise import Noise, resolve_sample_ids
-from diffusion_jax.samplers.spec import SamplerSpec
-from diffusion_jax.schedules import Schedule
 from diffusion_jax.values import is_int
 
 Array = jax.Array
@@ -41,7 +37,7 @@ class Trajectory(NamedTuple):
 
 
 def run(
-    spec: SamplerSpec,
+    spec: Any,
     model_fn: Callable[..., Array],
     formulation: Formulation,
     shape: tuple[int, ...],
@@ -54,8 +50,9 @@ def run(
     return_trajectory: bool = False,
     data_gaussian: DataGaussian | None = None,
 ) -> Any:
-    """Samples (B, ...) = `shape` of the model `model_fn(x, time[, labels])` (the network, in
-    the formulation's own coordinates and time input) with `spec`.
+    """Samples (B, ...) = `shape` with `spec` (a `SamplerSpec`) of the model
+    `model_fn(x, time[, labels])` (the network, in the formulation's own coordinates and time
+    input).
 
     labels: (B,) int for a class-conditional model (guidance: spec.guidance_scale).
     sample_ids: (B,) int, default arange(B): sample i draws its noise from
@@ -89,7 +86,9 @@ def run(
         top = prior_sigma(spec, formulation)
         x = _start(formulation, top, x_init, noise)
         x = data_gaussian.flow(x, vp_alpha(top) ** 2, vp_alpha(sigmas[0]) ** 2)
-    denoise = Denoiser(net=net, formulation=formulation, shape=shape, clip_x0=spec.clip_x0, dtype=dtype)
+    denoise = Denoiser(
+        net=net, formulation=formulation, shape=shape, clip_x0=spec.clip_x0, dtype=dtype
+    )
     chain = Chain(
         sigmas=sigmas,
         x_init=jnp.asarray(x, dtype),
@@ -117,7 +116,7 @@ def run(
     )
 
 
-def prior_sigma(spec: SamplerSpec, formulation: Formulation) -> float:
+def prior_sigma(spec: Any, formulation: Formulation) -> float:
     """The level whose marginal the start noise stands for: a discrete model's top level, else
     the first of the spec's grid."""
     levels = formulation.levels
@@ -147,74 +146,3 @@ def _check_data_gaussian(data_gaussian: DataGaussian | None, shape: tuple[int, .
             f"data_gaussian has dimension {np.shape(data_gaussian.mean)}; samples of shape "
             f"{shape[1:]} need ({dim},)"
         )
-
-
-# `sample` arguments that are per call, not sampling choices.
-_INPUTS = ("labels", "sample_ids", "x_init", "return_trajectory", "data_gaussian")
-
-
-def sample(
-    model_fn: Callable[..., Array],
-    process: Formulation | Schedule,
-    shape: tuple[int, ...],
-    rng: Array,
-    *,
-    prediction: str = "eps",
-    learn_sigma: bool = False,
-    start_timestep: int | None = None,
-    **choices: Any,
-) -> Any:
-    """`run` from flat keywords: `SamplerSpec` fields and the chosen sampler's options
-    (sampler, num_steps, eta, timestep_spacing, guidance_scale, ...; options of other
-    samplers are accepted and ignored), plus the per-call inputs of `run`.
-
-    process: a `Formulation`, or a `schedules.Schedule` for the ddpm formulation with
-    `prediction` and `learn_sigma` (then model_fn(x_t, t int32 (B,)[, labels])).
-    start_timestep: a ddpm chain started at this timestep (SDEdit: pass x_init = q_sample(x0,
-    start_timestep)), its N timesteps spaced over [start_timestep, 0].
-    """
-    if isinstance(process, Schedule):
-        formulation: Formulation = DDPM(process, prediction=prediction, learn_sigma=learn_sigma)
-    else:
-        if prediction != "eps" or learn_sigma:
-            raise ValueError(
-                f"prediction and learn_sigma describe a ddpm model; the {process.name} "
-                "formulation fixes its network's output"
-            )
-        formulation = process
-    inputs = {k: choices.pop(k) for k in _INPUTS if k in choices}
-    spec = spec_from_keywords(**choices)
-    start_sigma = None
-    if start_timestep is not None:
-        start_sigma = _start_timestep_sigma(formulation, start_timestep, spec.num_steps)
-    return run(spec, model_fn, formulation, shape, rng, start_sigma=start_sigma, **inputs)
-
-
-def spec_from_keywords(**choices: Any) -> SamplerSpec:
-    """A `SamplerSpec` from flat keywords; options of samplers other than the chosen one are
-    dropped (they are checked by their own sampler when it is chosen)."""
-    entry = registry.get_sampler(choices.get("sampler", "ddim"))
-    own = {f.name for f in dataclasses.fields(entry.options)}
-    others = {
-        f.name for s in registry.registered() for f in dataclasses.fields(s.options)
-    } - own
-    return SamplerSpec.create(**{k: v for k, v in choices.items() if k not in others})
-
-
-def _start_timestep_sigma(formulation: Formulation, start_timestep: Any, num_steps: Any) -> float:
-    levels = formulation.levels
-    if levels is None:
-        raise ValueError(
-            f"start_timestep is a timestep of a discrete schedule; the {formulation.name} "
-            "formulation starts part-way at a level: pass start_sigma to SamplerSpec.sample"
-        )
-    if not is_int(start_timestep) or not 0 <= start_timestep < len(levels):
-        raise ValueError(
-            f"start_timestep must be an integer in [0, {len(levels) - 1}]; got {start_timestep!r}"
-        )
-    if is_int(num_steps) and num_steps > start_timestep + 1:
-        raise ValueError(
-            f"num_steps={num_steps} exceeds the {start_timestep + 1} timesteps from "
-            f"start_timestep={start_timestep} to 0; lower num_steps"
-        )
-    return float(levels[start_timestep])

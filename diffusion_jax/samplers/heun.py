@@ -43,9 +43,7 @@ class HeunOptions:
             if not is_real(value) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0; got {value!r}")
         if not is_real(self.s_max) or not self.s_max >= self.s_min:
-            raise ValueError(
-                f"s_max must be a number >= s_min={self.s_min!r}; got {self.s_max!r}"
-            )
+            raise ValueError(f"s_max must be a number >= s_min={self.s_min!r}; got {self.s_max!r}")
 
 
 def churn_gammas(sigmas: np.ndarray, options: HeunOptions) -> np.ndarray:
@@ -77,7 +75,11 @@ def heun_stages(
         noise_std,
         np.arange(n),
     )
-    level[1::2], delta[1::2], step[1::2] = sigmas[1:], (sigma_next - sigma_hat)[:-1], np.arange(n - 1)
+    level[1::2], delta[1::2], step[1::2] = (
+        sigmas[1:],
+        (sigma_next - sigma_hat)[:-1],
+        np.arange(n - 1),
+    )
     is_corr[1::2] = True
     return level, delta, std, step, is_corr
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from diffusion_jax.formulations import Formulation
-from diffusion_jax.samplers import grid, registry, spacing
+from diffusion_jax.samplers import driver, grid, registry, spacing
 from diffusion_jax.samplers.base import Sampler, option_labels
 from diffusion_jax.values import is_int, is_real
 
@@ -104,9 +104,18 @@ class SamplerSpec:
         if options is None:
             kept = {f: getattr(self.options, f) for f in _field_names(type(self.options))}
             kept = {k: v for k, v in kept.items() if k in option_names}
-            options = entry.options(**{**kept, **{k: changes[k] for k in option_names & changes.keys()}})
+            options = entry.options(
+                **{**kept, **{k: changes[k] for k in option_names & changes.keys()}}
+            )
         own = {k: v for k, v in changes.items() if k in spec_names - {"options", "sampler"}}
         return dataclasses.replace(self, **own, sampler=entry.name, options=options)
+
+    def choose(self, **choices: Any) -> SamplerSpec:
+        """`replace`, where options of registered samplers other than the (new) chosen one are
+        accepted and dropped, as a config holds every sampler's options (`choice_names`)."""
+        entry = registry.get_sampler(choices.get("sampler", self.sampler))
+        others = choice_names() - _spec_fields() - _field_names(entry.options)
+        return self.replace(**{k: v for k, v in choices.items() if k not in others})
 
     # -- what it means -----------------------------------------------------------------------
     @property
@@ -205,7 +214,9 @@ class SamplerSpec:
                     f"gaussian_start_t={t} to 0; lower num_steps or raise gaussian_start_t"
                 )
         if not is_real(sigma) or not 0.0 <= sigma < math.inf:
-            raise ValueError(f"gaussian_start_sigma must be a finite number >= 0 (0 = off); got {sigma!r}")
+            raise ValueError(
+                f"gaussian_start_sigma must be a finite number >= 0 (0 = off); got {sigma!r}"
+            )
         if t and sigma:
             raise ValueError("set one of gaussian_start_t and gaussian_start_sigma, not both")
         if (t or sigma) and start_sigma is not None:
@@ -265,8 +276,6 @@ class SamplerSpec:
         """`driver.run(self, model_fn, formulation, shape, rng, **inputs)`; inputs are the
         per-call arguments (labels, sample_ids, x_init, start_sigma, return_trajectory,
         data_gaussian)."""
-        from diffusion_jax.samplers import driver  # the driver imports this module
-
         return driver.run(self, model_fn, formulation, shape, rng, **inputs)
 
 
@@ -275,6 +284,15 @@ def default_spacing(sampler: str, formulation: Formulation) -> str:
     (`Sampler.default_spacing`, e.g. heun's 'karras'), else the formulation's
     (`Formulation.default_spacing`)."""
     return registry.get_sampler(sampler).default_spacing or formulation.default_spacing
+
+
+def choice_names() -> set[str]:
+    """Every name `SamplerSpec.choose` takes: spec fields and every registered sampler's
+    options."""
+    names = _spec_fields() - {"options"}
+    for entry in registry.registered():
+        names |= _field_names(entry.options)
+    return names
 
 
 def _field_names(cls: type) -> set[str]:
