@@ -4,7 +4,7 @@ and the train step jitted as the training loop runs it.
 The train step always goes through `diffusion_jax.runner.setup.jit_train_step` (replicated
 state, batch sharded over the mesh, state donated), so the benchmarks time the step that
 trains. `ModelSetup(config).train_step()` wires it the same way but needs the config's dataset
-prepared; the benchmarks feed random images instead, so they build the model, schedule and
+prepared; the benchmarks feed random images instead, so they build the model, formulation and
 optimizer from the config directly, as `ModelSetup` does.
 """
 
@@ -24,8 +24,9 @@ import optax
 from jax.sharding import Mesh
 
 from benchmarks import common, timing
-from diffusion_jax import parallel, schedules, train_state
+from diffusion_jax import formulations, parallel, train_state
 from diffusion_jax.models.unet import UNet
+from diffusion_jax.runner import formulation as formulation_lib
 from diffusion_jax.runner import xla_options
 from diffusion_jax.runner.setup import jit_train_step
 
@@ -63,8 +64,9 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
     return train_state.create_model(config.model, NUM_CLASSES)
 
 
-def get_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
-    return schedules.from_config(config.diffusion)
+def get_formulation(config: ml_collections.ConfigDict) -> formulations.Formulation:
+    """The config's formulation (`diffusion.formulation`), as the runner builds it."""
+    return formulation_lib.from_config(config)
 
 
 def random_params(model: UNet, shape: tuple[int, int, int]) -> Any:
@@ -116,7 +118,7 @@ class TrainCase:
 
     config: ml_collections.ConfigDict
     model: UNet
-    schedule: schedules.Schedule
+    formulation: formulations.Formulation
     optimizer: optax.GradientTransformation
     mesh: Mesh
     step: Callable[..., Any]
@@ -141,7 +143,7 @@ def train_case(config: ml_collections.ConfigDict, batch_size: int) -> TrainCase:
     """The train step of `config` on a mesh over all devices, fed `batch_size` random images."""
     shape = image_shape(config)
     model = create_model(config)
-    schedule = get_schedule(config)
+    formulation = get_formulation(config)
     optimizer = train_state.create_optimizer(config.training)
     mesh = parallel.create_mesh()
     parallel.check_divisible_batch(batch_size, mesh)
@@ -151,16 +153,16 @@ def train_case(config: ml_collections.ConfigDict, batch_size: int) -> TrainCase:
     )(jax.random.PRNGKey(0))
     step = train_state.make_train_step(
         model,
-        schedule,
+        formulation,
         optimizer,
-        config.diffusion,
+        config.diffusion.label_dropout,
         config.training.ema_decay,
         config.training.ema_warmup,
     )
     return TrainCase(
         config=config,
         model=model,
-        schedule=schedule,
+        formulation=formulation,
         optimizer=optimizer,
         mesh=mesh,
         step=step,

@@ -71,7 +71,9 @@ class JaxPeer:
         shape = self.x.shape
 
         def generate(params: Any, rng: jax.Array) -> jax.Array:
-            return spec.sample(lambda x, t: forward(params, x, t), self.train.schedule, shape, rng)
+            return spec.sample(
+                lambda x, t: forward(params, x, t), self.train.formulation, shape, rng
+            )
 
         self.rng = jax.random.PRNGKey(0)
         self.sample = cases.jit(cfg, generate).lower(self.params, self.rng).compile()

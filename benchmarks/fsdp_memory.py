@@ -139,9 +139,9 @@ def compile_case(config: Any, fsdp: int, batch_per_device: int) -> dict[str, Any
     }
     step = train_state.make_train_step(
         model,
-        cases.get_schedule(config),
+        cases.get_formulation(config),
         optimizer,
-        config.diffusion,
+        config.diffusion.label_dropout,
         config.training.ema_decay,
         config.training.ema_warmup,
         gather_params=parallel.gather_params_fn(mesh),

@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     rng = jax.random.PRNGKey(0)
 
     def make(sampler: str, steps: int) -> Any:
-        spec = loaded.sampler_spec().replace(sampler=sampler, num_steps=steps)
+        spec = loaded.sampler_spec().choose(sampler=sampler, num_steps=steps)
 
         def generate(params: Any, rng: jax.Array) -> jax.Array:
-            return spec.sample(loaded.setup.model_fn(params), loaded.schedule, shape, rng)
+            return spec.sample(loaded.setup.model_fn(params), loaded.formulation, shape, rng)
 
         return cases.jit(loaded.setup.config, generate).lower(loaded.params, rng).compile()
 

@@ -169,14 +169,14 @@ def bench_sample(
     config = cases.load_config(name, dtype)
     shape = (batch, *cases.image_shape(config))
     model = cases.create_model(config)
-    schedule = cases.get_schedule(config)
+    formulation = cases.get_formulation(config)
     params = cases.random_params(model, shape[1:])
     forward = cases.eval_forward(model)
-    # The config's sampling options (prediction, clipping, spacing, ...), as the sample mode.
-    spec = samplers.SamplerSpec.from_config(config).replace(sampler=sampler, num_steps=num_steps)
+    # The config's sampling options (clipping, spacing, ...), as the sample mode.
+    spec = samplers.SamplerSpec.from_config(config).choose(sampler=sampler, num_steps=num_steps)
 
     def generate(params: Any, rng: jax.Array) -> jax.Array:
-        return spec.sample(lambda x, t: forward(params, x, t), schedule, shape, rng)
+        return spec.sample(lambda x, t: forward(params, x, t), formulation, shape, rng)
 
     rng = jax.random.PRNGKey(0)
     compiled, compile_s = timing.compile_timed(cases.jit(config, generate), params, rng)

@@ -7,7 +7,8 @@ print the table of `experiments.eval_table`.
 
 Every combination is one eval (`eval/<name>.json`, resumable: a finished cell is only re-read);
 `--config.*` overrides apply to all. Combinations a sampler cannot run (more steps than the
-Gaussian start leaves) are skipped. `make digits-table` runs the table of docs/evaluation.md.
+Gaussian start leaves) are skipped. --gaussian_start is a ddpm timestep
+(sampling.gaussian_start_t). `make digits-table` runs the table of docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collect
 _WORKDIR = flags.DEFINE_string("workdir", None, "The trained run's workdir.")
 _SAMPLERS = flags.DEFINE_list("samplers", ["ddpm", "ddim", "dpm_solver++"], "Samplers.")
 _STEPS = flags.DEFINE_list("steps", ["10", "20", "50"], "Step counts (sampling.num_steps).")
-_SPACINGS = flags.DEFINE_list("spacings", ["linspace"], "sampling.timestep_spacing values.")
+_SPACINGS = flags.DEFINE_list(
+    "spacings",
+    ["default"],
+    "sampling.timestep_spacing values; 'default' = each sampler's own on the formulation.",
+)
 _GAUSSIAN_START = flags.DEFINE_list("gaussian_start", ["0"], "sampling.gaussian_start_t values.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "sampling.seed values.")
 _METRIC = flags.DEFINE_string("metric", "fd", "Metric to tabulate.")
@@ -52,7 +57,7 @@ def main(argv: list[str]) -> None:
         config.sampling.update(
             sampler=sampler,
             num_steps=num_steps,
-            timestep_spacing=spacing,
+            timestep_spacing="" if spacing == "default" else spacing,
             gaussian_start_t=start,
             seed=seed,
         )

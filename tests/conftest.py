@@ -144,6 +144,34 @@ def shared_learn_sigma_run(
     yield from _train_shared_run(tmp_path_factory, "learn_sigma_run", config)
 
 
+def make_formulation_config(data_dir: str, formulation: str) -> ml_collections.ConfigDict:
+    """The tiny config in `formulation` ('ddpm', 'edm' or 'flow'), as configs/digits_<f>.py set
+    it (those configs differ from digits.py in their formulation, sampler and bits/dim)."""
+    config = make_tiny_config(data_dir)
+    config.diffusion.formulation = formulation
+    if formulation != "ddpm":
+        config.eval.bpd_num_images = 0
+    return config
+
+
+@pytest.fixture(scope="session")
+def shared_flow_run(
+    digits_data_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TrainedRun]:
+    """The tiny config as flow matching, trained for 6 steps once per session; read only."""
+    config = make_formulation_config(digits_data_dir, "flow")
+    yield from _train_shared_run(tmp_path_factory, "flow_run", config)
+
+
+@pytest.fixture(scope="session")
+def shared_edm_run(
+    digits_data_dir: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TrainedRun]:
+    """The tiny config in the edm formulation, trained for 6 steps once per session; read only."""
+    config = make_formulation_config(digits_data_dir, "edm")
+    yield from _train_shared_run(tmp_path_factory, "edm_run", config)
+
+
 def _copy_run(run: TrainedRun, tmp_path: Path) -> tuple[str, ml_collections.ConfigDict]:
     workdir = str(tmp_path / "run")
     shutil.copytree(run.workdir, workdir, symlinks=True)

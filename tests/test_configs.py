@@ -71,7 +71,7 @@ BAD_VALUES = [
     ("diffusion.schedule", "quadratic", "linear"),
     ("diffusion.prediction", "score", "use one of"),
     ("diffusion.loss_weighting", "p2", "use one of"),
-    ("sampling.sampler", "euler", "ddim"),
+    ("sampling.sampler", "no_such_sampler", "ddim"),
     ("sampling.timestep_spacing", "log", "linspace"),
     ("sampling.num_steps", 5000, "num_steps"),
     ("sampling.num_steps", 0, "num_steps"),

@@ -251,7 +251,7 @@ def test_resampling_brings_the_inpainted_pixel_to_its_conditional_mean() -> None
     [
         ({"strength": 1.5}, "strength must be a number in \\[0, 1\\]"),
         ({"strength": -0.1}, "strength must be"),
-        ({"strength": 0.5, "sampler": "euler"}, "unknown sampler"),
+        ({"strength": 0.5, "sampler": "no_such_sampler"}, "unknown sampler"),
         ({"strength": 0.0, "num_steps": 101}, "num_steps must be an integer in \\[1, 100\\]"),
         ({"strength": 0.5, "x_init": jnp.zeros((2, 4, 4, 1))}, "sdedit sets \\['x_init'\\]"),
         ({"strength": 0.5, "labels": jnp.zeros((3,), jnp.int32)}, "labels must have shape"),

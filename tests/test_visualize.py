@@ -52,10 +52,11 @@ def test_forward_strip_rejects_timesteps_outside_the_schedule() -> None:
 @pytest.mark.parametrize(("sampler", "evals"), [("ddim", 6), ("heun", 11)])
 def test_reverse_frames_record_every_model_evaluation(sampler: str, evals: int) -> None:
     rng = jax.random.key(2)
-    frames = visualize.reverse_frames(MODEL, SCH, (3, 8, 8, 1), rng, sampler=sampler, num_steps=6)
+    options = {"sampler": sampler, "num_steps": 6, "timestep_spacing": "linspace"}
+    frames = visualize.reverse_frames(MODEL, SCH, (3, 8, 8, 1), rng, **options)
     assert frames.x_t.shape == frames.x0_pred.shape == (evals, 3, 8, 8, 1)
     assert frames.timesteps.shape == (evals,) and frames.timesteps[0] == 99
-    direct = samplers.sample(MODEL, SCH, (3, 8, 8, 1), rng, sampler=sampler, num_steps=6)
+    direct = samplers.sample(MODEL, SCH, (3, 8, 8, 1), rng, **options)
     np.testing.assert_allclose(frames.samples, np.asarray(direct), atol=2e-4)  # jit vs eager
     np.testing.assert_allclose(frames.x0_pred[-1], frames.samples, atol=1e-5)
 

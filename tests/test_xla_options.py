@@ -82,7 +82,7 @@ def test_the_digits_train_step_under_each_routing_computes_the_same_step(tiny_co
     setup = ModelSetup(tiny_config)
     mesh = parallel.create_mesh()
     step = train_state.make_train_step(
-        setup.model, setup.schedule, setup.optimizer, tiny_config.diffusion, 0.99, "ramp"
+        setup.model, setup.formulation, setup.optimizer, 0.0, 0.99, "ramp"
     )
     model, optimizer, shape = setup.model, setup.optimizer, setup.image_shape
     init = jax.jit(lambda rng: train_state.init_train_state(model, optimizer, rng, shape))

@@ -45,6 +45,13 @@ class DDPM(Formulation):
             raise ValueError(
                 f"unknown prediction {self.prediction!r}; use one of {diffusion.PREDICTIONS}"
             )
+        if isinstance(self.schedule.alphas_cumprod, jax.core.Tracer):
+            # Its levels are float64 numpy, computed before tracing (every grid and solver
+            # coefficient comes from them); a traced schedule has no values yet.
+            raise ValueError(
+                "the ddpm formulation needs a concrete schedule (numpy values); close over the "
+                "schedule instead of passing it to a jitted function as an argument"
+            )
 
     @property
     def learned_variance(self) -> bool:

@@ -55,7 +55,12 @@ from diffusion_jax.samplers.registry import (
     unregister,
 )
 from diffusion_jax.samplers.spacing import TIMESTEP_SPACINGS, get_timesteps
-from diffusion_jax.samplers.spec import SamplerSpec, choice_names, default_spacing
+from diffusion_jax.samplers.spec import (
+    SamplerSpec,
+    check_options,
+    choice_names,
+    default_spacing,
+)
 
 # The built-in samplers; `names()` also lists samplers registered later.
 SAMPLERS = names()
@@ -73,6 +78,7 @@ __all__ = [
     "Trajectory",
     "all_names",
     "canonical_name",
+    "check_options",
     "choice_names",
     "default_spacing",
     "get_sampler",

@@ -162,8 +162,8 @@ class SamplerSpec:
         entry = self.entry
         if not is_int(self.num_steps) or self.num_steps < entry.min_steps:
             raise ValueError(
-                f"sampler {self.sampler!r} needs an integer num_steps >= {entry.min_steps}; "
-                f"got {self.num_steps!r}"
+                f"num_steps must be an integer >= {entry.min_steps} for sampler "
+                f"{self.sampler!r}; got {self.num_steps!r}"
             )
         levels = formulation.levels
         if levels is not None and self.num_steps > len(levels):
@@ -284,6 +284,19 @@ def default_spacing(sampler: str, formulation: Formulation) -> str:
     (`Sampler.default_spacing`, e.g. heun's 'karras'), else the formulation's
     (`Formulation.default_spacing`)."""
     return registry.get_sampler(sampler).default_spacing or formulation.default_spacing
+
+
+def check_options(values: Any) -> None:
+    """ValueError naming the fix for a bad value of any registered sampler's option that
+    `values` (a mapping, e.g. a config's `sampling` section) sets, whichever sampler it
+    chooses: a bad option is a mistake even where the chosen sampler ignores it."""
+    for entry in registry.registered():
+        names = _field_names(entry.options) & set(values.keys())
+        if names:
+            options = entry.options(**{name: values[name] for name in names})
+            check = getattr(options, "check", None)
+            if check is not None:
+                check()
 
 
 def choice_names() -> set[str]:

@@ -62,13 +62,22 @@ def optimal_net(formulation: Formulation, mu: float, s: float) -> Callable[[Arra
     coordinates, time (B,)) -> formulation.target(x, sigma, x0*(x / scale(sigma); sigma)) with
     sigma = formulation.sigma_of_time(time). A learned-variance model's variance values are 0
     (the middle of Improved DDPM's range)."""
+    return net_of_denoiser(formulation, lambda x_vp, sigma: optimal_x0(x_vp, sigma, mu, s))
+
+
+def net_of_denoiser(
+    formulation: Formulation, denoise: Callable[[Array, Array], Array]
+) -> Callable[[Array, Array], Array]:
+    """The network of `formulation` whose denoiser is `denoise(x_vp (B, ...), sigma (B, 1,
+    ..., 1)) -> x0 (B, ...)` (in the samplers' x_vp coordinates; e.g. a `DataGaussian`'s
+    `denoise(x_vp, 1 / (1 + sigma^2))`): net(x, time) -> formulation.target(x, sigma,
+    denoise(x / scale(sigma), sigma)), sigma = formulation.sigma_of_time(time)."""
 
     def net(x: Array, time: Array) -> Array:
         sigma = jnp.asarray(formulation.sigma_of_time(time), x.dtype)
         sig = sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
         x_vp = x / _scale(formulation, sigma).reshape(sig.shape)
-        x0 = optimal_x0(x_vp, sig, mu, s)
-        out = formulation.target(x, sigma, x0).astype(x.dtype)
+        out = formulation.target(x, sigma, denoise(x_vp, sig)).astype(x.dtype)
         if formulation.learned_variance:
             out = jnp.concatenate([out, jnp.zeros_like(out)], axis=-1)
         return out
