@@ -30,13 +30,15 @@ HostOrDevice = jax.Array | np.ndarray
 SampleFn = Callable[[PyTree, HostOrDevice, HostOrDevice, HostOrDevice | None], jax.Array]
 
 
-def sample_name(config: ml_collections.ConfigDict) -> str:
+def sample_name(
+    config: ml_collections.ConfigDict, spec: samplers.SamplerSpec | None = None
+) -> str:
     """File stem for a sample set: `sampling.name` (a plain name), else every setting that
     changes the samples (`SamplerSpec.name`), the label and the seed, e.g. 'ddim50_eta0.5_seed0'
-    or 'dpm_solverpp20_gs900_seed0'."""
+    or 'dpm_solverpp20_gs900_seed0'. spec: the config's, if already built."""
     if config.sampling.name:
         return workdir_lib.output_name(config.sampling.name, "sampling.name")
-    spec = samplers.SamplerSpec.from_config(config)
+    spec = spec or samplers.SamplerSpec.from_config(config)
     parts = [spec.name(formulation_lib.from_config(config))]
     if config.sampling.label >= 0:
         parts.append(f"label{config.sampling.label}")

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpointing
+from diffusion_jax import checkpointing, samplers
 from diffusion_jax.runner import ema_snapshots, generate, validation
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
@@ -37,7 +37,8 @@ def sample(
     """
     scfg = config.sampling
     validation.validate(config, jax.device_count(), VALIDATORS)
-    name = generate.sample_name(config)
+    spec = samplers.SamplerSpec.from_config(config)  # this mode's one spec, checked above
+    name = generate.sample_name(config, spec)
     checkpointing.require_checkpoint(workdir)
     validation.check_saved_config(config, workdir, allow_config_change)
     ema_snapshots.require_params(workdir, config.sampling.get("params", "ema"))
@@ -51,7 +52,7 @@ def sample(
     labels_fn = setup.labels_fn()
     batch_size = generate.device_batch_size(scfg.batch_size, setup.mesh.size, scfg.num_samples)
     batches = generate.generate_batches(
-        setup.sample_fn(batch_size, workdir=workdir),
+        setup.sample_fn(batch_size, spec.replace(num_classes=setup.num_classes), workdir),
         params,
         seed=scfg.seed,
         num_samples=scfg.num_samples,
