@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 
-def _row_label(sampling: dict) -> str:
-    """sampler, then the spacing and Gaussian start where not the defaults."""
+def _row_label(sampling: dict, grid: str | None) -> str:
+    """sampler, then the grid it used (or the configured spacing) and the Gaussian start where
+    not the defaults."""
     label = sampling["sampler"]
-    if sampling.get("timestep_spacing", "linspace") != "linspace":
-        label += f" {sampling['timestep_spacing']}"
+    spacing = grid or sampling.get("timestep_spacing") or "linspace"
+    if spacing != "linspace":
+        label += f" {spacing}"
     if sampling.get("gaussian_start_t", 0):
         label += f" gs{sampling['gaussian_start_t']}"
     return label
@@ -25,7 +27,7 @@ def format_table(results: list[dict], metric: str) -> str:
             continue
         seconds = record.get("seconds_per_1000_samples")
         timing = f" ({seconds:.0f} s)" if seconds else ""
-        key = (_row_label(sampling), int(sampling["num_steps"]))
+        key = (_row_label(sampling, record.get("grid")), int(sampling["num_steps"]))
         cells.setdefault(key, {})[int(sampling.get("seed", 0))] = f"{value:.2f}{timing}"
     labels = sorted({label for label, _ in cells})
     steps = sorted({n for _, n in cells})

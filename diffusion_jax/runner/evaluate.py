@@ -258,6 +258,9 @@ def evaluate(
             "seconds_per_1000_samples": per_1000,
             "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
             "sampling": config.sampling.to_dict(),
+            # What the sampling settings resolved to on this run's formulation.
+            "grid": setup.sampler_spec().spacing_for(setup.formulation),
+            "model_evaluations": setup.sampler_spec().num_evaluations,
             "eval": config.eval.to_dict(),
         }
         workdir_lib.atomic_write_json(result_path, record)
