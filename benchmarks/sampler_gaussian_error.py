@@ -14,8 +14,13 @@ In exact arithmetic the error is affine in x_T, err = offset + gain * x_T (both 
 by least squares), so max abs error = |offset| + 3 |gain| over x_T in [-3, 3] (float32 rounding
 adds a little, e.g. heun on 'cosine'); the flag is a sign change of the gain, the dominant term.
 
-    python -m benchmarks.sampler_gaussian_error [--schedule=linear] [--num_timesteps=1000]
-        [--steps=6,11,21,41,81,161,321] [--format=markdown|jsonl] [--x64]
+    python -m benchmarks.sampler_gaussian_error [--formulation=ddpm|edm|flow]
+        [--schedule=linear] [--num_timesteps=1000] [--steps=6,11,21,41,81,161,321]
+        [--spacing=linspace] [--format=markdown|jsonl] [--x64]
+
+--formulation picks the model (ddpm on --schedule with an eps network; edm; flow), each with its
+optimal network (`gaussian_oracle.optimal_net`), started at x_vp in [-3, 3] on the grid's
+first level. heun needs a finite first level: on flow use --spacing=karras.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, timing
-from diffusion_jax import diffusion, samplers, schedules
+from diffusion_jax import diffusion, formulations, samplers, schedules
 from diffusion_jax.testing import gaussian_oracle
 
 MU, S = 0.3, 0.5
@@ -41,11 +46,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm_solver++3m": ("dpm_solver++3m", {"lower_order_final": True}),
     "dpm_solver++3m (3M final)": ("dpm_solver++3m", {"lower_order_final": False}),
     "heun": ("heun", {}),
+    "unipc": ("unipc", {}),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.argument_parser(__file__, __doc__)
+    parser.add_argument("--formulation", choices=("ddpm", "edm", "flow"), default="ddpm")
     parser.add_argument("--schedule", default="linear")
     parser.add_argument("--num_timesteps", type=int, default=1000)
     parser.add_argument("--steps", default="6,11,21,41,81,161,321")
@@ -56,36 +63,41 @@ def main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_enable_x64", args.x64)
 
     sch = schedules.get_schedule(args.schedule, args.num_timesteps)
+    formulation = {
+        "ddpm": formulations.DDPM(sch),
+        "edm": formulations.EDM(),
+        "flow": formulations.Flow(),
+    }[args.formulation]
     steps = [int(n) for n in args.steps.split(",")]
     x_start = np.linspace(-3.0, 3.0, 256).reshape(4, 64)  # +-3 std of N(0, I)
-    model = gaussian_oracle.optimal_model(sch, MU, S)
+    model = gaussian_oracle.optimal_net(formulation, MU, S)
 
-    x_init = jnp.asarray(x_start)
     rows: list[dict[str, Any]] = []
     for name, (sampler, kwargs) in VARIANTS.items():
         for num_steps in steps:
-            spec = samplers.SamplerSpec(
+            spec = samplers.SamplerSpec.create(
                 sampler=sampler,
                 num_steps=num_steps,
                 clip_x0=False,
                 timestep_spacing=args.spacing,
                 **kwargs,
             )
-            # The sigma spacings start below T - 1 (at sigma_max): compare from there.
-            first = samplers.get_timesteps(
-                sch.num_timesteps, num_steps, args.spacing, alphas_cumprod=sch.alphas_cumprod
-            )[0]
-            reference = gaussian_oracle.exact_ode_solution(sch, x_start, int(first), MU, S)
+            sigmas = spec.grid(formulation)
+            reference = gaussian_oracle.exact_solution(
+                x_start, float(sigmas[0]), float(sigmas[-1]), MU, S
+            )
+            # x_init is in the formulation's own coordinates (x_vp for ddpm).
+            x_init = jnp.asarray(x_start * float(formulation.scale(sigmas[0])))
             # One call, tracing included: a rough cost column, not a speed benchmark.
             call = functools.partial(
-                spec.sample, model, sch, x_start.shape, jax.random.key(0), x_init=x_init
+                spec.sample, model, formulation, x_start.shape, jax.random.key(0), x_init=x_init
             )
             out, seconds = timing.timed(call)
             out = np.asarray(out, np.float64)
             signed = out - reference
             gain, offset = np.polyfit(x_start.ravel(), signed.ravel(), 1)
             err = np.abs(signed)
-            nfe = 2 * num_steps - 1 if sampler == "heun" else num_steps
+            nfe = spec.num_evaluations
             rows.append(
                 {
                     "sampler": name,
@@ -114,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         sign_changes[name] = bool(np.any(signs != signs[-1]))
 
     header = {
+        "formulation": args.formulation,
         "schedule": args.schedule,
         "num_timesteps": args.num_timesteps,
         "dtype": str(diffusion.float_dtype()),

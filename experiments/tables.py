@@ -12,6 +12,8 @@ def _row_label(sampling: dict, grid: str | None) -> str:
         label += f" {spacing}"
     if sampling.get("gaussian_start_t", 0):
         label += f" gs{sampling['gaussian_start_t']}"
+    if sampling.get("gaussian_start_sigma", 0):
+        label += f" gss{sampling['gaussian_start_sigma']:g}"
     return label
 
 

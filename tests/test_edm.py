@@ -1,6 +1,8 @@
-"""The EDM formulation (diffusion_jax.edm, samplers/edm_samplers.py): preconditioning against
-Karras et al. 2022's Table 1, optimality on exact Gaussian data, convergence of the sigma-space
-samplers against the closed-form probability-flow solution, and a tiny run through the runner."""
+"""The EDM formulation (diffusion_jax.formulations.edm; diffusion_jax.edm is its deprecated
+location): preconditioning against Karras et al. 2022's Table 1, optimality on exact Gaussian
+data, convergence of the shared samplers on it against the closed-form probability-flow
+solution (the edm_* sampler names of earlier releases are deprecated aliases of them), and a
+tiny run through the runner."""
 
 from __future__ import annotations
 
@@ -166,21 +168,43 @@ def _observed_order(sampler: str, steps: tuple[int, ...], **kwargs) -> tuple[flo
     return float(slope), errors
 
 
-def test_edm_heun_converges_at_second_order_to_the_exact_ode_solution():
-    order, errors = _observed_order("edm_heun", (16, 32, 64))
+def test_heun_converges_at_second_order_to_the_exact_ode_solution():
+    order, errors = _observed_order("heun", (16, 32, 64))
     assert 1.8 < order < 2.3, (order, errors)
     assert errors[-1] < 0.01, errors
 
 
-def test_edm_euler_converges_at_first_order():
-    order, errors = _observed_order("edm_euler", (32, 64, 128))
+def test_ddim_converges_at_first_order():
+    order, errors = _observed_order("ddim", (32, 64, 128))
     assert 0.85 < order < 1.2, (order, errors)
 
 
-def test_edm_dpm_solver_converges_and_beats_euler_at_equal_evaluations():
-    order, errors = _observed_order("edm_dpm_solver++", (16, 32, 64))
+def test_dpm_solver_converges_and_beats_euler_at_equal_evaluations():
+    order, errors = _observed_order("dpm_solver++", (16, 32, 64))
     assert order > 1.5 and errors[-1] < 0.01, (order, errors)
-    assert _edm_ode_error("edm_dpm_solver++", 32) < _edm_ode_error("edm_euler", 32) / 4
+    assert _edm_ode_error("dpm_solver++", 32) < _edm_ode_error("ddim", 32) / 4
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("edm_euler", "ddim"),
+        ("edm_heun", "heun"),
+        ("edm_stochastic", "heun"),
+        ("edm_dpm_solver++", "dpm_solver++"),
+        ("edm_dpm_solver++2m_sde", "dpm_solver++2m_sde"),
+    ],
+)
+def test_the_edm_sampler_names_are_deprecated_aliases_of_the_shared_samplers(old, new):
+    assert samplers.canonical_name(old) == new
+    assert samplers.SamplerSpec(sampler=old) == samplers.SamplerSpec(sampler=new)
+    assert old not in samplers.SAMPLERS and old in samplers.all_names()
+    g = _gaussian()
+    args = (_optimal_net(g), PROCESS, (3, 4), jax.random.key(5))
+    kw = {"num_steps": 6, "timestep_spacing": "karras", "clip_x0": False}
+    np.testing.assert_array_equal(
+        samplers.sample(*args, sampler=old, **kw), samplers.sample(*args, sampler=new, **kw)
+    )
 
 
 def test_the_stochastic_sampler_without_churn_is_heun_and_with_churn_differs():
@@ -237,10 +261,15 @@ def test_edm_trajectory_records_every_evaluation_at_its_sigma():
         return_trajectory=True,
     )
     sig = edm.karras_sigmas(4, 0.002, 80.0, 7.0)
+    visited = np.array([sig[0], sig[1], sig[1], sig[2], sig[2], sig[3], sig[3]])
+    np.testing.assert_allclose(traj.sigmas, visited, rtol=1e-6)
+    # The network's time input there: NOISE_INPUT_SCALE * c_noise(sigma).
     np.testing.assert_allclose(
-        traj.timesteps, [sig[0], sig[1], sig[1], sig[2], sig[2], sig[3], sig[3]], rtol=1e-6
+        traj.timesteps, edm.NOISE_INPUT_SCALE * np.log(visited) / 4, rtol=1e-5
     )
     assert traj.x_t.shape == (7, 2, 4)
+    # x_t is what the network's preconditioning saw: x in EDM's own coordinates, x0 + sigma n.
+    assert float(jnp.std(traj.x_t[0])) > 20.0
     np.testing.assert_array_equal(out, traj.x0_pred[-1])
 
 
@@ -274,15 +303,26 @@ def test_guidance_composes_with_the_edm_denoiser():
 # --------------------------------------------------------------------------- refusals
 
 
-def test_a_sampler_of_the_other_formulation_is_refused_in_one_line(tiny_config):
+def test_every_sampler_runs_on_edm_and_discrete_only_choices_are_refused_in_one_line():
+    # No sampler belongs to one formulation any more: ddim (a ddpm sampler before) runs on edm,
+    # on its default grid ('karras') and on 'linspace' (uniform in sigma up to sigma_max).
+    g = _gaussian()
+    for spacing in ("", "linspace"):
+        out = samplers.sample(
+            _optimal_net(g), PROCESS, (2, 4), jax.random.key(0), timestep_spacing=spacing
+        )
+        assert out.shape == (2, 4) and np.all(np.isfinite(np.asarray(out)))
     net = lambda x, t: x
-    with pytest.raises(ValueError, match=r"'ddim' samples the 'ddpm' formulation.*'edm_heun'"):
-        samplers.sample(net, PROCESS, (2, 4), jax.random.key(0), sampler="ddim")
-    sch = edm.sampling_process(tiny_config.diffusion)
-    with pytest.raises(ValueError, match=r"'edm_heun' samples the 'edm' formulation.*'ddim'"):
-        samplers.sample(net, sch, (2, 4), jax.random.key(0), sampler="edm_heun")
-    with pytest.raises(ValueError, match=r"timestep_spacing in \('karras', 'logsnr'\)"):
-        samplers.sample(net, PROCESS, (2, 4), jax.random.key(0), sampler="edm_heun")
+    cases = [
+        ({"timestep_spacing": "leading"}, r"timestep_spacing='leading' picks timesteps of a "),
+        ({"gaussian_start_t": 10}, r"gaussian_start_t is a timestep .*gaussian_start_sigma"),
+        ({"start_timestep": 10}, r"start_timestep is a timestep of a discrete schedule"),
+        ({"prediction": "v"}, r"prediction and learn_sigma describe a ddpm model"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            samplers.sample(net, PROCESS, (2, 4), jax.random.key(0), **kwargs)
+        assert "\n" not in str(info.value)
 
 
 def _edm_config(config):
@@ -300,7 +340,7 @@ def _edm_config(config):
         (
             "diffusion.formulation",
             "vp",
-            r"diffusion.formulation='vp'; use one of \('ddpm', 'edm'\)",
+            r"diffusion.formulation='vp'; use one of \('ddpm', 'edm', 'flow'\)",
         ),
         ("diffusion.sigma_data", 0.0, r"diffusion.sigma_data=0.0; use a finite value > 0"),
         ("diffusion.p_std", -1.0, r"diffusion.p_std=-1.0; use a finite value > 0"),
@@ -308,8 +348,8 @@ def _edm_config(config):
         ("diffusion.loss_weighting", "snr", r"loss_weighting='snr' has no meaning"),
         ("diffusion.zero_terminal_snr", True, r"zero_terminal_snr=True has no meaning"),
         ("model.learn_sigma", True, r"model.learn_sigma=True has no meaning"),
-        ("sampling.sampler", "ddim", r"'ddim' samples the 'ddpm' formulation"),
-        ("sampling.timestep_spacing", "linspace", r"timestep_spacing in \('karras', 'logsnr'\)"),
+        ("sampling.timestep_spacing", "leading", r"the edm formulation is continuous"),
+        ("sampling.gaussian_start_t", 10, r"set gaussian_start_sigma instead"),
         ("sampling.sigma_min", 100.0, r"sigma_min=100.0 must be below sigma_max=80.0"),
         ("sampling.s_churn", -1.0, r"s_churn must be a number >= 0"),
         ("sampling.s_max", -1.0, r"s_max must be a number >= s_min"),
@@ -325,7 +365,7 @@ def test_bad_edm_values_are_refused_in_one_line(tiny_config, key, value, message
     assert "\n" not in str(info.value)
 
 
-def test_eval_bits_per_dim_and_editing_refuse_an_edm_run(tiny_config):
+def test_eval_bits_per_dim_is_refused_and_editing_accepted_for_an_edm_run(tiny_config):
     from diffusion_jax.runner import edit as edit_mode
     from diffusion_jax.runner import evaluate as eval_mode
 
@@ -333,8 +373,7 @@ def test_eval_bits_per_dim_and_editing_refuse_an_edm_run(tiny_config):
     config.eval.bpd_num_images = 10
     with pytest.raises(ConfigError, match="bpd_num_images=0"):
         eval_mode.check_eval(config, 1)
-    with pytest.raises(ConfigError, match=r"not implemented for diffusion\.formulation=.edm."):
-        edit_mode.check_edit(config)
+    edit_mode.check_edit(config)  # SDEdit, inpainting and visualize work through its denoiser
 
 
 # --------------------------------------------------------------------------- the runner
@@ -358,17 +397,16 @@ def test_a_tiny_edm_run_trains_with_finite_loss_and_samples_through_the_runner(e
     assert [r["step"] for r in records] == [2, 4, 6]
     assert all(np.isfinite(r["loss"]) and r["nonfinite_steps"] == 0 for r in records)
     config = copy.deepcopy(config)
-    for sampler in ("edm_heun", "edm_dpm_solver++", "edm_stochastic"):
+    for sampler in ("ddim", "dpm_solver++", "heun"):
         config.sampling.sampler = sampler
         config.sampling.s_churn = 5.0
         path = sample_mode.sample(config, workdir)
         images = np.load(path)["images"]
         assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
-    assert os.path.basename(path) == "edm_stochastic4_churn5_karras_seed0.npz"
-    # A ddpm sampler on the edm run is refused before anything compiles.
-    config.sampling.sampler = "ddim"
-    with pytest.raises(ConfigError, match="'ddim' samples the 'ddpm' formulation"):
-        sample_mode.sample(config, workdir)
+    assert os.path.basename(path) == "heun4_churn5_karras_seed0.npz"
+    # The deprecated name of EDM's Algorithm 2 is the shared heun with churn: the same file.
+    config.sampling.sampler = "edm_stochastic"
+    assert sample_mode.sample(config, workdir) == path
 
 
 def test_an_edm_run_resumes_bit_exactly_and_locks_its_formulation(edm_run, tmp_path):
@@ -403,26 +441,24 @@ def test_digits_edm_config_differs_from_digits_only_in_formulation_sampling_and_
 
     base, new = flat(digits.get_config()), flat(digits_edm.get_config())
     changed = {k for k in base if base[k] != new[k]}
-    assert changed == {
-        "diffusion.formulation",
-        "sampling.sampler",
-        "sampling.timestep_spacing",
-        "eval.bpd_num_images",
-    }
-    assert new["sampling.sampler"] == "edm_dpm_solver++2m_sde" and new["sampling.num_steps"] == 20
+    assert {"diffusion.formulation", "eval.bpd_num_images"} <= changed
+    assert all(
+        k.startswith("sampling.")
+        for k in changed - {"diffusion.formulation", "eval.bpd_num_images"}
+    )
+    assert new["sampling.sampler"] in samplers.names()
 
 
-def test_the_formulation_x_sampler_sweep_pairs_each_formulation_with_its_samplers():
+def test_the_formulation_x_sampler_sweep_crosses_every_formulation_with_shared_samplers():
     from configs import digits
     from diffusion_jax.runner import sweeps
 
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "sweeps")
     points = list(sweeps.load_sweep(os.path.join(path, "formulation_x_sampler.py")))
     assert [(p["diffusion.formulation"], p["sampling.sampler"]) for p in points] == [
-        ("ddpm", "dpm_solver++2m_sde"),
-        ("ddpm", "heun"),
-        ("edm", "edm_heun"),
-        ("edm", "edm_dpm_solver++"),
+        (formulation, sampler)
+        for formulation in ("ddpm", "edm", "flow")
+        for sampler in ("dpm_solver++2m_sde", "heun", "unipc")
     ]
     config = digits.get_config()
     config.eval.bpd_num_images = 0
@@ -463,5 +499,5 @@ def test_a_class_conditional_edm_run_samples_with_guidance(digits_data_dir, tmp_
     workdir = str(tmp_path / "run")
     train_mode.train(config, workdir)
     path = sample_mode.sample(config, workdir)
-    assert os.path.basename(path) == "edm_heun4_karras_g2_label3_seed0.npz"
+    assert os.path.basename(path) == "heun4_karras_g2_label3_seed0.npz"
     assert np.load(path)["images"].shape == (6, 8, 8, 1)

@@ -13,45 +13,49 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import editing, samplers, schedules
+from diffusion_jax import editing, formulations, samplers, schedules
 from diffusion_jax.runner import evaluate
+from diffusion_jax.samplers.base import option
 from diffusion_jax.testing import gaussian_oracle
 
 MU, S = 0.3, 0.5
 SCH = schedules.get_schedule("linear", 1000)
 SCH_100 = schedules.get_schedule("linear", 100)
+FORMULATION = formulations.DDPM(SCH)
 X_T = np.linspace(-3.0, 3.0, 64).reshape(2, 32)
 
 
 def _euler_build(chain: samplers.Chain) -> samplers.Scan:
-    """Euler on the probability-flow ODE in y = x / a against sigma = sigma_t / a_t: one model
-    evaluation per timestep, the last step to sigma = 0 returning the x0 prediction."""
-    ab = np.asarray(chain.alphas_cumprod, np.float64)
-    sigma = np.sqrt((1.0 - ab) / ab)
+    """Euler on the probability-flow ODE in x~ = x_vp / alpha against sigma: one model
+    evaluation per level, the last step to sigma = 0 returning the x0 prediction."""
+    sigma = chain.sigmas
     sigma_next = np.append(sigma[1:], 0.0)
+    alpha = 1.0 / np.sqrt(1.0 + sigma**2)
 
-    def body(y: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, Any]:
-        t_step, a, sig, sig_next = (xs[0], *map(chain.bcast, xs[1:]))
+    def body(y: jax.Array, xs: tuple[Any, ...]) -> tuple[jax.Array, Any]:
+        level, a, sig, sig_next = (xs[0], *map(chain.bcast, xs[1:]))
         x = a * y
-        x0, _ = chain.denoise(x, t_step)
+        x0, _ = chain.denoise(x, level)
         y_next = y + (sig_next - sig) * (y - x0) / sig  # dy/dsigma = (y - x0) / sigma
-        return y_next.astype(chain.dtype), (x, x0)
+        return y_next.astype(chain.dtype), (chain.denoise.own(x, level), x0)
 
-    coefficients = (np.sqrt(ab), sigma, sigma_next)
-    xs = (chain.ts, *(jnp.asarray(c, chain.dtype) for c in coefficients))
-    y_init = chain.x_init / chain.bcast(jnp.asarray(np.sqrt(ab[0])))
-    return samplers.Scan(body, y_init, xs, lambda y: y, chain.ts)
+    coefficients = (alpha, sigma, sigma_next)
+    xs = (chain.levels(), *(jnp.asarray(c, chain.dtype) for c in coefficients))
+    y_init = chain.x_init / chain.bcast(jnp.asarray(alpha[0]))
+    return samplers.Scan(body, y_init, xs, lambda y: y, sigma)
+
+
+def _toy_euler() -> samplers.Sampler:
+    return samplers.Sampler(name="toy_euler", build=_euler_build, min_steps=2)
 
 
 @pytest.fixture
 def euler() -> Iterator[samplers.Sampler]:
-    registered = samplers.register(
-        samplers.Sampler(name="euler", build=_euler_build, ode=True, min_steps=2)
-    )
+    registered = samplers.register(_toy_euler())
     try:
         yield registered
     finally:
-        samplers.unregister("euler")
+        samplers.unregister("toy_euler")
 
 
 def _euler_error(num_steps: int) -> float:
@@ -60,7 +64,7 @@ def _euler_error(num_steps: int) -> float:
         SCH,
         X_T.shape,
         jax.random.key(0),
-        sampler="euler",
+        sampler="toy_euler",
         num_steps=num_steps,
         clip_x0=False,
         x_init=jnp.asarray(X_T),
@@ -75,38 +79,46 @@ def _euler_error(num_steps: int) -> float:
 def test_a_registered_sampler_runs_and_converges_to_the_exact_ode_solution(
     euler: samplers.Sampler,
 ) -> None:
-    assert samplers.get_sampler("euler") is euler
-    assert samplers.names()[-1] == "euler" and "euler" not in samplers.SAMPLERS
+    assert samplers.get_sampler("toy_euler") is euler
+    assert samplers.names()[-1] == "toy_euler" and "toy_euler" not in samplers.SAMPLERS
     errors = [_euler_error(n + 1) for n in (20, 40, 80, 160)]
     # First order: the error halves with each doubling of the steps, and is small at 161.
     slope = -np.polyfit(np.log([20, 40, 80, 160]), np.log(errors), 1)[0]
     assert abs(slope - 1.0) < 0.15, (errors, slope)
     assert errors[-1] < 0.03, errors
-    # Euler in (y, sigma) is deterministic DDIM, so the two agree to float32 rounding.
+    # Euler in (x~, sigma) is deterministic DDIM, so the two agree to float32 rounding.
     args = (gaussian_oracle.optimal_model(SCH, MU, S), SCH, (4, 8), jax.random.key(3))
-    toy, traj = samplers.sample(*args, sampler="euler", num_steps=12, return_trajectory=True)
+    toy, traj = samplers.sample(*args, sampler="toy_euler", num_steps=12, return_trajectory=True)
     ddim = samplers.sample(*args, sampler="ddim", num_steps=12)
     np.testing.assert_allclose(toy, ddim, atol=2e-5)
     assert traj.x_t.shape == (12, 4, 8) and float(jnp.max(jnp.abs(traj.x0_pred))) <= 1.0
+    np.testing.assert_array_equal(traj.timesteps, samplers.get_timesteps(1000, 12))
 
 
 def test_a_registered_sampler_goes_through_sampler_spec(euler: samplers.Sampler) -> None:
-    spec = samplers.SamplerSpec(sampler="euler", num_steps=101, clip_x0=False)
-    spec.validate(SCH)
-    assert spec.name() == "euler101_noclip"
-    assert spec.replace(eta=0.5, variance="fixed_large").name() == "euler101_noclip"
+    spec = samplers.SamplerSpec(sampler="toy_euler", num_steps=101, clip_x0=False)
+    spec.validate(FORMULATION)
+    assert spec.name() == "toy_euler101_noclip"
+    # Other samplers' options are dropped by `choose` (and refused by `replace`).
+    assert spec.choose(eta=0.5, variance="fixed_large").name() == "toy_euler101_noclip"
+    with pytest.raises(ValueError, match=r"unknown sampler options \['eta'\] for 'toy_euler'"):
+        spec.replace(eta=0.5)
     out = spec.sample(
-        gaussian_oracle.optimal_model(SCH, MU, S), SCH, X_T.shape, jax.random.key(0), x_init=X_T
+        gaussian_oracle.optimal_model(SCH, MU, S),
+        FORMULATION,
+        X_T.shape,
+        jax.random.key(0),
+        x_init=X_T,
     )
     exact = gaussian_oracle.exact_ode_solution(SCH, X_T, SCH.num_timesteps - 1, MU, S)
     assert np.max(np.abs(np.asarray(out) - exact)) < 0.05
-    with pytest.raises(ValueError, match=r"'euler' integrates the ODE .* needs num_steps >= 2"):
-        spec.replace(num_steps=1).validate(SCH)
+    with pytest.raises(ValueError, match=r"num_steps must be an integer >= 2 .*'toy_euler'"):
+        spec.replace(num_steps=1).validate(FORMULATION)
 
 
 def test_an_unregistered_sampler_is_unknown_again() -> None:
-    samplers.register(samplers.Sampler(name="euler", build=_euler_build, ode=True, min_steps=2))
-    samplers.unregister("euler")
+    samplers.register(_toy_euler())
+    samplers.unregister("toy_euler")
     assert (
         samplers.names()
         == samplers.SAMPLERS
@@ -117,54 +129,73 @@ def test_an_unregistered_sampler_is_unknown_again() -> None:
             "dpm_solver++3m",
             "dpm_solver++2m_sde",
             "heun",
-            "edm_euler",
-            "edm_heun",
-            "edm_stochastic",
-            "edm_dpm_solver++",
-            "edm_dpm_solver++2m_sde",
+            "unipc",
         )
     )
-    with pytest.raises(ValueError, match=r"unknown sampler 'euler'; use one of \('ddpm', "):
-        samplers.SamplerSpec(sampler="euler").validate(SCH)
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        samplers.unregister("euler")
+    with pytest.raises(ValueError, match=r"unknown sampler 'toy_euler'; use one of \('ddpm', "):
+        samplers.SamplerSpec(sampler="toy_euler")
+    with pytest.raises(ValueError, match="no sampler 'toy_euler' is registered"):
+        samplers.unregister("toy_euler")
+
+
+def test_aliases_name_the_registered_samplers() -> None:
+    assert samplers.canonical_name("euler") == "ddim"
+    assert samplers.SamplerSpec(sampler="euler").sampler == "ddim"
+    # The edm_* samplers of earlier releases are the shared samplers now.
+    assert samplers.canonical_name("edm_heun") == "heun"
+    assert samplers.canonical_name("edm_dpm_solver++2m_sde") == "dpm_solver++2m_sde"
+    assert set(samplers.all_names()) >= {*samplers.SAMPLERS, "euler", "edm_euler"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoisyOptions:
+    """A sampler's own options: eta under another file-name label, with its own check."""
+
+    eta: float = option(0.0, lambda eta: f"noise{eta:g}")
+
+    def check(self) -> None:
+        if self.eta > 1.0:
+            raise ValueError(f"noisy_ddim needs eta <= 1; got {self.eta}")
 
 
 def test_a_registered_sampler_names_and_checks_its_own_options() -> None:
-    def at_most_one(eta: Any, options: samplers.SamplerOptions) -> None:
-        if eta > 1.0:
-            raise ValueError(f"noisy_ddim needs eta <= 1; got {eta}")
-
-    noise_level = samplers.Option("eta", 0.0, label=lambda eta: f"noise{eta:g}", check=at_most_one)
-    # DDIM's scan and schedule check under another name, with its own label and check of eta.
+    # DDIM's scan and grid check under another name, with its own label and check of eta.
     ddim = samplers.get_sampler("ddim")
-    samplers.register(dataclasses.replace(ddim, name="noisy_ddim", options=(noise_level,)))
+    samplers.register(dataclasses.replace(ddim, name="noisy_ddim", options=_NoisyOptions))
     try:
-        spec = samplers.SamplerSpec(sampler="noisy_ddim", num_steps=10, eta=0.5)
-        spec.validate(SCH)
+        spec = samplers.SamplerSpec.create(sampler="noisy_ddim", num_steps=10, eta=0.5)
+        spec.validate(FORMULATION)
         assert spec.name() == "noisy_ddim10_noise0.5"
         assert spec.replace(eta=0.0).name() == "noisy_ddim10"
         with pytest.raises(ValueError, match=r"noisy_ddim needs eta <= 1; got 1\.5"):
-            spec.replace(eta=1.5).validate(SCH)
+            spec.replace(eta=1.5).validate(FORMULATION)
         model, rng = gaussian_oracle.optimal_model(SCH, MU, S), jax.random.key(2)
+        ddim_spec = spec.replace(sampler="ddim")  # keeps the eta the two share
+        assert ddim_spec.options == samplers.ddim.DDIMOptions(eta=0.5)
         np.testing.assert_array_equal(
-            spec.sample(model, SCH, (3, 5), rng),
-            spec.replace(sampler="ddim").sample(model, SCH, (3, 5), rng),
+            spec.sample(model, FORMULATION, (3, 5), rng),
+            ddim_spec.sample(model, FORMULATION, (3, 5), rng),
         )
+        with pytest.raises(ValueError, match=r"takes _NoisyOptions; got DDIMOptions"):
+            samplers.SamplerSpec(sampler="noisy_ddim", options=samplers.ddim.DDIMOptions())
     finally:
         samplers.unregister("noisy_ddim")
 
 
-def test_registration_refuses_taken_names_and_unknown_options() -> None:
+def test_registration_refuses_taken_names_and_bad_entries() -> None:
     with pytest.raises(ValueError, match="'ddim' is already registered"):
         samplers.register(samplers.get_sampler("ddim"))
-    churn = samplers.Option("s_tmin", 0.0, label=str)
-    with pytest.raises(ValueError, match=r"reads unknown options \['s_tmin'\]"):
-        samplers.register(samplers.Sampler(name="edm", build=_euler_build, options=(churn,)))
-    assert "edm" not in samplers.names()
+    for alias in ("euler", "edm_heun"):  # an alias is taken too
+        with pytest.raises(ValueError, match=f"'{alias}' is already registered"):
+            samplers.register(samplers.Sampler(name=alias, build=_euler_build))
+    with pytest.raises(ValueError, match=r"min_steps must be >= 1; got 0"):
+        samplers.register(samplers.Sampler(name="toy", build=_euler_build, min_steps=0))
+    with pytest.raises(ValueError, match=r"a sampler name must be a non-empty str"):
+        samplers.register(samplers.Sampler(name="", build=_euler_build))
+    assert "toy" not in samplers.names()
 
 
-@pytest.mark.parametrize("sampler", samplers.DDPM_SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
 def test_num_evaluations_is_the_trajectory_length(sampler: str) -> None:
     _, traj = samplers.sample(
         gaussian_oracle.optimal_model(SCH, MU, S),
@@ -176,6 +207,10 @@ def test_num_evaluations_is_the_trajectory_length(sampler: str) -> None:
         return_trajectory=True,
     )
     assert traj.timesteps.shape == (samplers.get_sampler(sampler).num_evaluations(6),)
+    assert (
+        samplers.SamplerSpec(sampler=sampler, num_steps=6).num_evaluations
+        == (traj.timesteps.shape[0])
+    )
 
 
 # --------------------------------------------------------------------------- SamplerSpec.name
@@ -201,7 +236,16 @@ def test_num_evaluations_is_the_trajectory_length(sampler: str) -> None:
         ({"guidance_scale": 2.0}, "ddim50_g2"),
         ({"temperature": 0.8}, "ddim50_temp0.8"),
         ({"clip_x0": False}, "ddim50_noclip"),
-        ({"prediction": "v", "learn_sigma": True, "num_classes": 10}, "ddim50"),  # the model's
+        ({"num_classes": 10}, "ddim50"),  # the model's
+        ({"sampler": "unipc", "num_steps": 20}, "unipc20"),
+        ({"sampler": "unipc", "num_steps": 20, "order": 3}, "unipc20_order3"),
+        ({"sampler": "unipc", "lower_order_final": False}, "unipc50_nolof"),
+        ({"sampler": "heun", "s_churn": 40.0, "s_noise": 1.003}, "heun50_churn40_snoise1.003"),
+        (
+            {"timestep_spacing": "karras", "sigma_max": 10.0, "rho": 5.0},
+            "ddim50_karras_smax10_rho5",
+        ),
+        ({"gaussian_start_t": 800}, "ddim50_gs800"),
         (
             {
                 "eta": 0.25,
@@ -217,7 +261,25 @@ def test_num_evaluations_is_the_trajectory_length(sampler: str) -> None:
 def test_spec_name_shows_every_option_that_changes_the_samples(
     changes: dict[str, Any], name: str
 ) -> None:
-    assert samplers.SamplerSpec(**changes).name() == name
+    # `choose` takes every sampler's options (a config holds them all) and keeps the chosen's.
+    assert samplers.SamplerSpec().choose(**changes).name() == name
+
+
+@pytest.mark.parametrize(
+    ("sampler", "formulation", "name"),
+    [
+        # '' = the sampler's default grid for the formulation, named where not 'linspace'.
+        ("ddim", formulations.DDPM(SCH), "ddim50"),
+        ("heun", formulations.DDPM(SCH), "heun50_karras"),
+        ("ddim", formulations.EDM(), "ddim50_karras"),
+        ("ddim", formulations.Flow(), "ddim50"),
+        ("heun", formulations.Flow(), "heun50_karras"),
+    ],
+)
+def test_spec_name_resolves_the_default_grid_for_the_formulation(
+    sampler: str, formulation: formulations.Formulation, name: str
+) -> None:
+    assert samplers.SamplerSpec(sampler=sampler).name(formulation) == name
 
 
 @pytest.mark.parametrize(
@@ -234,7 +296,10 @@ def test_spec_name_shows_every_option_that_changes_the_samples(
             "ddpm20_fixed_large_temp0.7_noclip_seed0_n1000",
         ),
         ({"sampler": "dpm_solver++", "guidance_scale": 3.0}, "dpm_solverpp20_g3_seed0_n1000"),
-        ({"sampler": "heun", "num_steps": 9}, "heun9_seed0_n1000"),
+        # heun's old grid ('linspace'); its own default on the ddpm formulation is 'karras',
+        # which samples differently and is named so.
+        ({"sampler": "heun", "num_steps": 9, "timestep_spacing": "linspace"}, "heun9_seed0_n1000"),
+        ({"sampler": "heun", "num_steps": 9}, "heun9_karras_seed0_n1000"),
         (
             {
                 "sampler": "ddim",
@@ -260,34 +325,23 @@ def test_eval_names_built_from_the_spec_are_unchanged(
     assert evaluate.eval_name(config) == expected
 
 
-def test_spec_from_the_digits_config_has_the_old_kwargs() -> None:
+def test_spec_from_the_digits_config_has_the_old_choices() -> None:
     from configs import digits
 
     spec = samplers.SamplerSpec.from_config(digits.get_config())
-    assert spec.kwargs() == {
-        "sampler": "dpm_solver++2m_sde",
-        "num_steps": 20,
-        "eta": 0.0,
-        "prediction": "eps",
-        "clip_x0": True,
-        "temperature": 1.0,
-        "timestep_spacing": "linspace",
-        "variance": "fixed_small",
-        "guidance_scale": 1.0,
-        "num_classes": None,
-        "learn_sigma": False,
-        "lower_order_final": True,
-        "sigma_max": 80.0,
-        "rho": 7.0,
-        "gaussian_start_t": 0,
-        "sigma_min": 0.002,
-        "s_churn": 0.0,
-        "s_min": 0.0,
-        "s_max": float("inf"),
-        "s_noise": 1.0,
-    }
-    assert spec.name() == "dpm_solverpp2m_sde20"
-    spec.validate(schedules.get_schedule("cosine", 1000))
+    assert spec == samplers.SamplerSpec(
+        sampler="dpm_solver++2m_sde",
+        num_steps=20,
+        timestep_spacing=spec.timestep_spacing,
+        options=samplers.dpm_solver.DPMSolverOptions(lower_order_final=True),
+    )
+    assert spec.timestep_spacing in ("", "linspace")  # both 'linspace' on the ddpm formulation
+    assert (spec.sigma_min, spec.sigma_max, spec.rho) == (0.002, 80.0, 7.0)
+    assert (spec.clip_x0, spec.temperature, spec.guidance_scale) == (True, 1.0, 1.0)
+    assert (spec.num_classes, spec.gaussian_start_t, spec.gaussian_start_sigma) == (None, 0, 0.0)
+    cosine = formulations.DDPM(schedules.get_schedule("cosine", 1000))
+    assert spec.name(cosine) == "dpm_solverpp2m_sde20"
+    spec.validate(cosine)
 
 
 # --------------------------------------------------------------------------- RePaint

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from diffusion_jax import samplers, schedules
+from diffusion_jax import formulations, samplers, schedules
 from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.samplers import dpm_solver
 from diffusion_jax.testing import gaussian_oracle
@@ -141,9 +141,14 @@ def test_3m_updates_are_exact_when_x0_is_quadratic_in_log_snr() -> None:
     # without being exact for linear D, so it has no such test.)
     max_order, degree = 3, 2
     ab = schedules.get_schedule("cosine", 1000).alphas_cumprod[[900, 700, 500, 350, 200, 90, 30]]
-    a, b, c, e = dpm_solver.dpm_solver_coefficients(ab, lower_order_final=False, max_order=3)
-    alpha, sigma = np.sqrt(ab), np.sqrt(1 - ab)
+    alpha, sigma, h = dpm_solver.log_snr_steps(np.sqrt((1 - ab) / ab))
+    a, b, c, e = dpm_solver.multistep_coefficients(
+        alpha, sigma, h, lower_order_final=False, max_order=3
+    )
+    np.testing.assert_allclose(alpha, np.sqrt(ab), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.sqrt(1 - ab), rtol=1e-12)
     lam = np.log(alpha / sigma)
+    np.testing.assert_allclose(h, np.diff(lam), rtol=1e-12)
     coeffs = np.array([0.3, -0.2, 0.05])[: degree + 1]
     d = np.polynomial.polynomial.polyval(lam, coeffs)
     x = 0.7
@@ -371,6 +376,44 @@ def test_gaussian_start_saves_the_model_evaluations_above_it() -> None:
     np.testing.assert_array_equal(trajectory.timesteps, [800, 600, 400, 200, 0])
 
 
+@pytest.mark.parametrize("name", ["edm", "flow"])
+@pytest.mark.parametrize("sampler", ["ddim", "unipc"])
+def test_gaussian_start_sigma_on_a_continuous_formulation(name: str, sampler: str) -> None:
+    # The exact flow from the grid's first level (edm: sigma_max; flow: t = 1, pure noise) to
+    # gaussian_start_sigma, then the sampler's chain from there.
+    g, mean, cov = _exact_gaussian()
+    f = formulations.EDM() if name == "edm" else formulations.Flow()
+    net = gaussian_oracle.net_of_denoiser(
+        f, lambda x_vp, sigma: g.denoise(x_vp, 1.0 / (1.0 + sigma.reshape(-1)[0] ** 2))
+    )
+    spec = samplers.SamplerSpec.create(sampler=sampler, num_steps=6, clip_x0=False)
+    top = samplers.prior_sigma(spec, f)
+    assert top == (80.0 if name == "edm" else np.inf)
+    x_top = np.random.default_rng(6).normal(size=(3, 16))  # x_vp at the top
+    shape = (3, 4, 4, 1)
+    started, traj = spec.replace(gaussian_start_sigma=2.0).sample(
+        net,
+        f,
+        shape,
+        jax.random.key(0),
+        x_init=jnp.asarray((x_top * f.scale(top)).reshape(shape), jnp.float32),
+        data_gaussian=g,
+        return_trajectory=True,
+    )
+    assert float(traj.sigmas[0]) == pytest.approx(2.0, rel=1e-6)
+    ab_top = 1.0 / (1.0 + top**2)
+    x_2 = _reference_flow(x_top, mean, cov, ab_top, 1.0 / 5.0)
+    from_2 = spec.sample(
+        net,
+        f,
+        shape,
+        jax.random.key(0),
+        x_init=jnp.asarray((x_2 * f.scale(2.0)).reshape(shape), jnp.float32),
+        start_sigma=2.0,
+    )
+    np.testing.assert_allclose(started, from_2, atol=2e-5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -379,7 +422,7 @@ def test_gaussian_start_saves_the_model_evaluations_above_it() -> None:
         ({"gaussian_start_t": 5, "num_steps": 10}, r"num_steps=10 exceeds the 6 timesteps"),
         (
             {"gaussian_start_t": 500, "start_timestep": 400},
-            r"gaussian_start_t and start_timestep both",
+            r"a Gaussian start and a chain started part-way \(SDEdit\) both",
         ),
     ],
 )

@@ -9,6 +9,8 @@ The probability-flow ODE maps x at t_start to t = 0 affinely:
 and the deterministic samplers return x0*(x_0, 0), so their error against that is pure
 discretisation error. float32 suffices: the smallest error measured below (~1e-4) is far above
 float32 rounding (~1e-6), so the order test runs without x64 (one test checks x64 separately).
+These are the ddpm formulation's tests, through a schedule and `samplers.sample`;
+tests/test_formulations.py runs every sampler on every formulation.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion, samplers, schedules
+from diffusion_jax import diffusion, formulations, samplers, schedules
 from diffusion_jax.testing import gaussian_oracle
 
 MU, S = 0.3, 0.5
@@ -139,13 +141,18 @@ ORDER_CASES = {
     "heun": ((10, 20, 40, 80), 2.0),
     "dpm_solver++": ((40, 80, 160, 320), 2.0),
 }
+# heun's default grid is 'karras'; these orders were measured on 'linspace' (as ddim's).
+ORDER_OPTIONS: dict[str, dict[str, Any]] = {
+    "heun": {"timestep_spacing": "linspace"},
+    # Pure 2M: lower_order_final makes the step onto t = 0 first order (tested below).
+    "dpm_solver++": {"lower_order_final": False},
+}
 
 
 @pytest.mark.parametrize("sampler", list(ORDER_CASES))
 def test_deterministic_sampler_error_shrinks_at_its_order(sampler: str) -> None:
     intervals, order = ORDER_CASES[sampler]
-    # Pure 2M: lower_order_final makes the step onto t = 0 first order (tested below).
-    kwargs: dict[str, Any] = {"lower_order_final": False} if sampler == "dpm_solver++" else {}
+    kwargs = ORDER_OPTIONS.get(sampler, {})
     errors = np.array([_ode_error(sampler, n + 1, **kwargs) for n in intervals])
     slope = -np.polyfit(np.log(intervals), np.log(errors), 1)[0]
     assert abs(slope - order) < 0.15, (errors, slope)
@@ -180,9 +187,9 @@ def test_dpm_solver_with_lower_order_final_and_three_steps_is_ddim() -> None:
 
 
 def test_ode_error_under_x64_matches_float32() -> None:
-    err32 = _ode_error("heun", 41)
+    err32 = _ode_error("heun", 41, timestep_spacing="linspace")
     with jax.enable_x64(True):
-        err64 = _ode_error("heun", 41)
+        err64 = _ode_error("heun", 41, timestep_spacing="linspace")
         out = samplers.sample(gaussian_model(SCH), SCH, (2, 3), jax.random.key(0), num_steps=3)
         assert out.dtype == jnp.float64
     assert jnp.zeros(1).dtype == jnp.float32  # x64 did not leak
@@ -296,7 +303,7 @@ def test_deterministic_samplers_ignore_temperature(sampler: str) -> None:
     np.testing.assert_array_equal(run(0.3), run(1.0))
 
 
-@pytest.mark.parametrize("sampler", samplers.DDPM_SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
 def test_clip_x0_keeps_samples_in_range(sampler: str) -> None:
     # Data N(0.5, 2^2): most unclipped x0 predictions lie outside [-1, 1].
     clipped, traj = samplers.sample(
@@ -347,7 +354,7 @@ def test_samples_are_reproducible_and_independent_of_the_batch(sampler: str) -> 
     assert not np.allclose(run(jax.random.key(12), jnp.arange(4, dtype=jnp.int32)), first)
 
 
-@pytest.mark.parametrize("sampler", samplers.DDPM_SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
 def test_sample_jits_as_one_scan_with_one_model_copy(sampler: str) -> None:
     traces = []
     base = gaussian_model(SCH)
@@ -364,18 +371,21 @@ def test_sample_jits_as_one_scan_with_one_model_copy(sampler: str) -> None:
     assert jax.jit(fn)(jax.random.key(4)).shape == (2, 3)
 
 
-def test_sample_works_with_a_traced_schedule() -> None:
+def test_a_traced_schedule_is_refused_with_a_clear_error() -> None:
+    # The formulation's levels, the grid and every coefficient are float64 numpy, computed
+    # before tracing: a schedule passed to a jitted function as an argument has no values.
     def fn(sch: schedules.Schedule, rng: jax.Array) -> jax.Array:
         return samplers.sample(
             gaussian_model(sch), sch, (4, 8), rng, sampler="dpm_solver++", num_steps=10
         )
 
-    eager = fn(SCH, jax.random.key(0))
-    traced = jax.jit(fn)(SCH, jax.random.key(0))  # coefficients in float32 instead of float64
-    np.testing.assert_allclose(traced, eager, atol=1e-4)
+    with pytest.raises(ValueError, match=r"needs a concrete schedule.*close over the schedule"):
+        jax.jit(fn)(SCH, jax.random.key(0))
+    closed = jax.jit(lambda rng: fn(SCH, rng))(jax.random.key(0))
+    np.testing.assert_allclose(closed, fn(SCH, jax.random.key(0)), atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", samplers.DDPM_SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
 def test_trajectory_records_every_model_evaluation(sampler: str) -> None:
     out, traj = samplers.sample(
         gaussian_model(SCH),
@@ -384,12 +394,15 @@ def test_trajectory_records_every_model_evaluation(sampler: str) -> None:
         jax.random.key(0),
         sampler=sampler,
         num_steps=5,
+        timestep_spacing="linspace",
         return_trajectory=True,
         clip_x0=False,
     )
     ts = samplers.get_timesteps(1000, 5)
     expected = ts if sampler != "heun" else np.array([999, 749, 749, 500, 500, 250, 250, 0, 0])
     np.testing.assert_array_equal(traj.timesteps, expected)
+    sigmas = np.sqrt((1 - SCH.alphas_cumprod) / SCH.alphas_cumprod)[expected]
+    np.testing.assert_allclose(traj.sigmas, sigmas, rtol=1e-6)
     assert traj.x_t.shape == traj.x0_pred.shape == (len(expected), 2, 3)
     # Every sampler ends with the x0 prediction at t = 0.
     np.testing.assert_allclose(out, traj.x0_pred[-1], atol=1e-6)
@@ -460,17 +473,20 @@ def _never_called(*args: Any) -> jax.Array:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"sampler": "euler"}, r"unknown sampler 'euler'; use one of \('ddpm', 'ddim', "),
+        ({"sampler": "eulr"}, r"unknown sampler 'eulr'; use one of \('ddpm', 'ddim', "),
         ({"prediction": "score"}, r"unknown prediction 'score'; use one of \('eps', 'x0', 'v'\)"),
         ({"timestep_spacing": "uniform"}, r"unknown timestep_spacing 'uniform'.*'linspace'"),
-        ({"variance": "learned"}, r"unknown variance 'learned'.*'fixed_small', 'fixed_large'"),
+        (
+            {"sampler": "ddpm", "variance": "learned"},
+            r"unknown variance 'learned'.*'fixed_small', 'fixed_large'",
+        ),
         ({"num_steps": 1001}, r"num_steps must be an integer in \[1, 1000\].*got 1001"),
-        ({"num_steps": 0}, r"num_steps must be an integer in \[1, 1000\].*got 0"),
+        ({"num_steps": 0}, r"num_steps must be an integer >= 1 .*got 0"),
         ({"num_steps": 10.0}, r"num_steps must be an integer"),
         ({"eta": -0.1}, r"eta must be a number >= 0"),
         ({"eta": 50.0}, r"eta=50.0 makes the DDIM noise exceed .*use eta <= "),
-        ({"sampler": "heun", "num_steps": 1}, r"'heun' integrates .* needs num_steps >= 2"),
-        ({"sampler": "dpm_solver++", "num_steps": 1}, r"'dpm_solver\+\+' .* num_steps >= 2"),
+        ({"sampler": "dpm_solver++", "num_steps": 1}, r"num_steps .*>= 2 .*'dpm_solver\+\+'"),
+        ({"sampler": "unipc", "num_steps": 1}, r"num_steps .*>= 2 .*'unipc'"),
         ({"temperature": -1.0}, r"temperature must be >= 0"),
         ({"guidance_scale": 2.0}, r"guidance_scale != 1 needs labels"),
         (
@@ -479,7 +495,10 @@ def _never_called(*args: Any) -> jax.Array:
         ),
         ({"labels": jnp.zeros(3, jnp.int32)}, r"labels must have shape \(4,\)"),
         ({"sample_ids": jnp.arange(5)}, r"sample_ids must have shape \(4,\)"),
-        ({"lower_order_final": "yes"}, r"lower_order_final must be a bool; got 'yes'"),
+        (
+            {"sampler": "dpm_solver++", "lower_order_final": "yes"},
+            r"lower_order_final must be a bool; got 'yes'",
+        ),
     ],
 )
 def test_bad_sampler_options_raise_before_tracing_the_model(
@@ -496,7 +515,8 @@ def test_bad_shape_and_model_output_are_reported() -> None:
         samplers.sample(lambda x, t: jnp.zeros((4, 3)), SCH, (4, 2), jax.random.key(0))
 
 
-def test_validate_sampler_args_is_usable_without_a_model() -> None:
-    samplers.validate_sampler_args(sampler="heun", num_steps=18, num_timesteps=1000)
+def test_spec_validate_is_usable_without_a_model() -> None:
+    samplers.SamplerSpec(sampler="heun", num_steps=18).validate(formulations.DDPM(SCH))
+    short = formulations.DDPM(schedules.get_schedule("linear", 50))
     with pytest.raises(ValueError, match=r"num_steps must be an integer in \[1, 50\]"):
-        samplers.validate_sampler_args(sampler="ddim", num_steps=100, num_timesteps=50)
+        samplers.SamplerSpec(sampler="ddim", num_steps=100).validate(short)

@@ -30,9 +30,7 @@ HostOrDevice = jax.Array | np.ndarray
 SampleFn = Callable[[PyTree, HostOrDevice, HostOrDevice, HostOrDevice | None], jax.Array]
 
 
-def sample_name(
-    config: ml_collections.ConfigDict, spec: samplers.SamplerSpec | None = None
-) -> str:
+def sample_name(config: ml_collections.ConfigDict, spec: samplers.SamplerSpec | None = None) -> str:
     """File stem for a sample set: `sampling.name` (a plain name), else every setting that
     changes the samples (`SamplerSpec.name`), the label and the seed, e.g. 'ddim50_eta0.5_seed0'
     or 'dpm_solverpp20_gs900_seed0'. spec: the config's, if already built."""

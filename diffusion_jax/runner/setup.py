@@ -198,7 +198,11 @@ class ModelSetup:
             self.image_shape,
             batch_size,
             self.mesh,
-            data_gaussian=self.data_gaussian(workdir) if spec.gaussian_start_t else None,
+            data_gaussian=(
+                self.data_gaussian(workdir)
+                if spec.start_sigma(self.formulation) is not None
+                else None
+            ),
             compiler_options=xla_options.compiler_options(self.config),
         )
 

@@ -260,11 +260,9 @@ def check_sampling(config: ml_collections.ConfigDict, num_devices: int) -> None:
             "sampling.guidance_scale needs a class-conditional model; set "
             "model.class_conditional=True when training, or leave guidance_scale=1.0"
         )
-    _reraise(
-        lambda: samplers.SamplerSpec.from_config(config).validate(
-            formulation_lib.from_config(config)
-        )
-    )
+    formulation = formulation_lib.from_config(config)
+    _reraise(lambda: samplers.check_options(s, formulation))
+    _reraise(lambda: samplers.SamplerSpec.from_config(config).validate(formulation))
     if not is_int(s.batch_size) or s.batch_size < 1:
         raise ConfigError(
             f"sampling.batch_size={s.batch_size!r}; use 1 or more (it is rounded to a multiple "

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
+from diffusion_jax.formulations import Formulation
 from diffusion_jax.samplers import registry
 from diffusion_jax.samplers.base import Chain, Denoiser, Level, Sampler, Scan, option, scan_inputs
 
@@ -35,6 +36,14 @@ class DDPMOptions:
         if self.variance not in diffusion.VARIANCES:
             raise ValueError(
                 f"unknown variance {self.variance!r}; use one of {diffusion.VARIANCES}"
+            )
+
+    def check_formulation(self, formulation: Formulation) -> None:
+        if self.variance == "learned_range" and not formulation.learned_variance:
+            raise ValueError(
+                "variance='learned_range' needs a model that outputs its variance "
+                "(learn_sigma=True, config model.learn_sigma=True); use 'fixed_small' or "
+                "'fixed_large' for this model"
             )
 
 

@@ -173,16 +173,7 @@ class SamplerSpec:
             )
         grid.check_spacing(formulation, self.spacing_for(formulation))
         spacing.check_sigma_range(self.sigma_min, self.sigma_max, self.rho)
-        check = getattr(self.options, "check", None)
-        if check is not None:
-            check()
-        variance = getattr(self.options, "variance", None)
-        if variance == "learned_range" and not formulation.learned_variance:
-            raise ValueError(
-                "variance='learned_range' needs a model that outputs its variance "
-                "(learn_sigma=True, config model.learn_sigma=True); use 'fixed_small' or "
-                "'fixed_large' for this model"
-            )
+        _check(self.options, formulation)
         if not isinstance(self.clip_x0, (bool, np.bool_)):
             raise ValueError(f"clip_x0 must be a bool; got {self.clip_x0!r}")
         if is_real(self.temperature) and not self.temperature >= 0.0:
@@ -286,17 +277,25 @@ def default_spacing(sampler: str, formulation: Formulation) -> str:
     return registry.get_sampler(sampler).default_spacing or formulation.default_spacing
 
 
-def check_options(values: Any) -> None:
+def check_options(values: Any, formulation: Formulation) -> None:
     """ValueError naming the fix for a bad value of any registered sampler's option that
     `values` (a mapping, e.g. a config's `sampling` section) sets, whichever sampler it
     chooses: a bad option is a mistake even where the chosen sampler ignores it."""
     for entry in registry.registered():
         names = _field_names(entry.options) & set(values.keys())
         if names:
-            options = entry.options(**{name: values[name] for name in names})
-            check = getattr(options, "check", None)
-            if check is not None:
-                check()
+            _check(entry.options(**{name: values[name] for name in names}), formulation)
+
+
+def _check(options: Any, formulation: Formulation) -> None:
+    """An options dataclass's own checks: `check()` of its values, and
+    `check_formulation(formulation)` of what the model must be for them."""
+    check = getattr(options, "check", None)
+    if check is not None:
+        check()
+    check_formulation = getattr(options, "check_formulation", None)
+    if check_formulation is not None:
+        check_formulation(formulation)
 
 
 def choice_names() -> set[str]:
