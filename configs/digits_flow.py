@@ -20,7 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.flow_logit_std = 1.0
     config.diffusion.flow_shift = 1.0
 
-    config.sampling.sampler = "ddim"
+    # Chosen by measurement (docs/flow.md, 1000 samples, digits FD on sample seeds 0 / 1):
+    # DPM-Solver++(2M) on the default grid (uniform in t from t = 1), 1.49 / 2.30 at 20 model
+    # evaluations (unipc 1.51 / 2.28, dpm_solver++3m 1.51 / 2.31, Euler 1.89 / 2.66); at 10
+    # evaluations dpm_solver++3m, dpm_solver++ and unipc tie (1.66-1.73 / 2.82-2.84).
+    config.sampling.sampler = "dpm_solver++"
     config.sampling.num_steps = 20
     # No discrete-time bits/dim for flow matching.
     config.eval.bpd_num_images = 0
