@@ -164,7 +164,7 @@ def run_main(monkeypatch):
     [
         (["--mode=sample"], "no checkpoint in"),
         (["--config.data.name=mnist"], "tfds build mnist"),
-        (["--config.sampling.sampler=euler"], "sampler"),
+        (["--config.sampling.sampler=no_such_sampler"], "sampler"),
     ],
 )
 def test_a_user_error_in_any_mode_exits_with_one_error_line(run_main, overrides, message, tmp_path):
