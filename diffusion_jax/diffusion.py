@@ -338,6 +338,37 @@ def drop_labels(rng: Array, labels: Array, num_classes: int, rate: float) -> Arr
     return jnp.where(drop, jnp.asarray(num_classes, labels.dtype), labels)
 
 
+def check_label_dropout(
+    label_dropout: float, labels: Array | None, num_classes: int | None
+) -> None:
+    """ValueError unless label_dropout is in [0, 1], with labels and num_classes when > 0."""
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1]; got {label_dropout}")
+    if label_dropout > 0.0 and (labels is None or num_classes is None):
+        raise ValueError(
+            "label_dropout > 0 needs labels and num_classes (the null label is num_classes)"
+        )
+
+
+def training_net(
+    model_fn: ModelFn,
+    labels: Array | None,
+    num_classes: int | None,
+    label_dropout: float,
+    rng: Array,
+) -> Callable[[Array, Array], Array]:
+    """`net(x, time)` for a training loss: model_fn(x, time) without labels, else
+    model_fn(x, time, labels) with each label dropped to the null class num_classes with
+    probability label_dropout (classifier-free guidance training; `check_label_dropout`)."""
+    if labels is None:
+        return lambda x, time: model_fn(x, time)
+    if label_dropout > 0.0:
+        assert num_classes is not None  # check_label_dropout
+        labels = drop_labels(rng, labels, num_classes, label_dropout)
+    bound = labels
+    return lambda x, time: model_fn(x, time, bound)
+
+
 def training_loss(
     model_fn: ModelFn,
     sch: Schedule,
@@ -373,12 +404,7 @@ def training_loss(
     """
     _check_choice("prediction", prediction, PREDICTIONS)
     _check_choice("loss weighting", weighting, LOSS_WEIGHTINGS)
-    if not 0.0 <= label_dropout <= 1.0:
-        raise ValueError(f"label_dropout must be in [0, 1]; got {label_dropout}")
-    if label_dropout > 0.0 and (labels is None or num_classes is None):
-        raise ValueError(
-            "label_dropout > 0 needs labels and num_classes (the null label is num_classes)"
-        )
+    check_label_dropout(label_dropout, labels, num_classes)
     if weighting == "min_snr" and not min_snr_gamma > 0:
         raise ValueError(f"min_snr_gamma must be > 0; got {min_snr_gamma}")
     if not vlb_weight >= 0:
@@ -390,14 +416,8 @@ def training_loss(
     if noise is None:
         noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     x_t = q_sample(sch, x0, t, noise).astype(x0.dtype)
-    if labels is None:
-        output = model_fn(x_t, t)
-    else:
-        if label_dropout > 0.0:
-            assert num_classes is not None  # checked above
-            labels = drop_labels(drop_rng, labels, num_classes, label_dropout)
-        output = model_fn(x_t, t, labels)
-    output = output.astype(x_t.dtype)
+    net = training_net(model_fn, labels, num_classes, label_dropout, drop_rng)
+    output = net(x_t, t).astype(x_t.dtype)
     var_values = None
     if learn_sigma:
         output, var_values = split_learned_variance(output)

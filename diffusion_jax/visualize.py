@@ -51,6 +51,16 @@ def evenly_spaced(count: int, num: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, count - 1, min(num, count))).astype(np.int64))
 
 
+def _image_batch(x0: Any) -> np.ndarray:
+    """float32 (B, H, W, C) from an image (H, W, C) or a batch; ValueError otherwise."""
+    x = np.asarray(x0, np.float32)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"x0 must be (H, W, C) or (B, H, W, C); got shape {x.shape}")
+    return x
+
+
 def forward_strip(
     sch: Schedule,
     x0: Any,
@@ -65,11 +75,7 @@ def forward_strip(
     N(0, I) from fold_in(rng, b) for all its columns, so a row shows the same noise growing.
     Returns uint8 (R (H + p) + p, K (W + p) + p, C) with R = B rows, K = len(timesteps).
     """
-    x = np.asarray(x0, np.float32)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4:
-        raise ValueError(f"x0 must be (H, W, C) or (B, H, W, C); got shape {x.shape}")
+    x = _image_batch(x0)
     ts = np.asarray(timesteps)
     if ts.ndim != 1 or ts.size == 0 or not np.issubdtype(ts.dtype, np.integer):
         raise ValueError(f"timesteps must be a non-empty 1-D sequence of ints; got {timesteps!r}")
@@ -94,11 +100,7 @@ def forward_strip_levels(
     """uint8 strip of the formulation's forward process at each level of `sigmas` (one column
     each; 0 = the clean image, inf = pure noise), in its own coordinates (what its network
     sees). x0 and the noise as for `forward_strip`."""
-    x = np.asarray(x0, np.float32)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4:
-        raise ValueError(f"x0 must be (H, W, C) or (B, H, W, C); got shape {x.shape}")
+    x = _image_batch(x0)
     sig = np.asarray(sigmas, np.float64)
     if sig.ndim != 1 or sig.size == 0 or np.any(np.isnan(sig)) or np.any(sig < 0):
         raise ValueError(f"sigmas must be a non-empty 1-D sequence of levels >= 0; got {sigmas!r}")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.diffusion import drop_labels
+from diffusion_jax.diffusion import check_label_dropout, training_net
 from diffusion_jax.formulations.base import Formulation, Net, bcast
 from diffusion_jax.values import is_real
 
@@ -161,12 +161,7 @@ class EDM(Formulation):
         given. model_fn(x_in, time) or model_fn(x_in, time, labels) is the network F; with
         label_dropout > 0 each label becomes the null class num_classes with that probability
         (classifier-free guidance training), as in `diffusion.training_loss`."""
-        if not 0.0 <= label_dropout <= 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1]; got {label_dropout}")
-        if label_dropout > 0.0 and (labels is None or num_classes is None):
-            raise ValueError(
-                "label_dropout > 0 needs labels and num_classes (the null label is num_classes)"
-            )
+        check_label_dropout(label_dropout, labels, num_classes)
         sigma_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
         batch = x0.shape[0]
         if sigma is None:
@@ -176,14 +171,7 @@ class EDM(Formulation):
         sigma = jnp.asarray(sigma, x0.dtype)
         s = sigma.reshape((batch,) + (1,) * (x0.ndim - 1))
         x = x0 + s * noise
-        if labels is None:
-            net = model_fn
-        else:
-            if label_dropout > 0.0:
-                assert num_classes is not None  # checked above
-                labels = drop_labels(drop_rng, labels, num_classes, label_dropout)
-            bound = labels
-            net = lambda x_in, time: model_fn(x_in, time, bound)
+        net = training_net(model_fn, labels, num_classes, label_dropout, drop_rng)
         d = self.denoise(net, x, sigma)
         mse = jnp.mean(jnp.square(d - x0), axis=tuple(range(1, x0.ndim)))
         return self.loss_weight(sigma) * mse

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.diffusion import drop_labels
+from diffusion_jax.diffusion import check_label_dropout, training_net
 from diffusion_jax.formulations.base import Formulation, Net, bcast
 from diffusion_jax.values import is_real
 
@@ -124,12 +124,7 @@ class Flow(Formulation):
         (1 - t) x0 + t n, t from `sample_t` and n ~ N(0, I) drawn from `rng` unless given;
         model_fn(x_t, FLOW_TIME_SCALE t[, labels]). label_dropout as in
         `diffusion.training_loss` (the null class is num_classes)."""
-        if not 0.0 <= label_dropout <= 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1]; got {label_dropout}")
-        if label_dropout > 0.0 and (labels is None or num_classes is None):
-            raise ValueError(
-                "label_dropout > 0 needs labels and num_classes (the null label is num_classes)"
-            )
+        check_label_dropout(label_dropout, labels, num_classes)
         t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
         batch = x0.shape[0]
         if t is None:
@@ -139,14 +134,8 @@ class Flow(Formulation):
         t = jnp.asarray(t, x0.dtype)
         tb = bcast(t, x0)
         x_t = ((1.0 - tb) * x0 + tb * noise).astype(x0.dtype)
-        time = FLOW_TIME_SCALE * t
-        if labels is None:
-            v = model_fn(x_t, time)
-        else:
-            if label_dropout > 0.0:
-                assert num_classes is not None  # checked above
-                labels = drop_labels(drop_rng, labels, num_classes, label_dropout)
-            v = model_fn(x_t, time, labels)
+        net = training_net(model_fn, labels, num_classes, label_dropout, drop_rng)
+        v = net(x_t, FLOW_TIME_SCALE * t)
         err = jnp.square(v.astype(x0.dtype) - (noise - x0))
         return jnp.mean(err, axis=tuple(range(1, x0.ndim)))
 
