@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -380,14 +381,13 @@ def test_eval_bits_per_dim_is_refused_and_editing_accepted_for_an_edm_run(tiny_c
 
 
 @pytest.fixture(scope="module")
-def edm_run(digits_data_dir, tmp_path_factory):
-    """A tiny edm run (6 steps, checkpoints 3 and 6) trained once for this module."""
-    from tests.conftest import make_tiny_config
-
-    config = _edm_config(make_tiny_config(digits_data_dir))
+def edm_run(shared_edm_run, tmp_path_factory):
+    """This module's copy of the session's tiny edm run (6 steps, checkpoints 3 and 6), free to
+    write to; its config with the edm sampling settings of `_edm_config` (training is the
+    same whatever they are)."""
     workdir = str(tmp_path_factory.mktemp("edm") / "run")
-    state = train_mode.train(config, workdir)
-    return workdir, config, state
+    shutil.copytree(shared_edm_run.workdir, workdir, symlinks=True)
+    return workdir, _edm_config(shared_edm_run.fresh_config()), shared_edm_run.state
 
 
 def test_a_tiny_edm_run_trains_with_finite_loss_and_samples_through_the_runner(edm_run):

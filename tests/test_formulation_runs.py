@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -45,7 +46,7 @@ def test_the_command_line_samples_a_tiny_run_of_each_formulation_with_every_samp
     assert [r["step"] for r in records] == [2, 4, 6]
     assert all(np.isfinite(r["loss"]) and r["nonfinite_steps"] == 0 for r in records)
     workdir = str(tmp_path / "run")
-    subprocess.run(["cp", "-r", run.workdir, workdir], check=True)
+    shutil.copytree(run.workdir, workdir, symlinks=True)
     stats = str(tmp_path / "digits_train_digits.npz")
     reference.save_reference_stats(
         stats, reference.compute_reference_stats(DigitsFeatures(), run.config.data, "train")
@@ -83,24 +84,23 @@ def test_the_command_line_samples_a_tiny_run_of_each_formulation_with_every_samp
             assert np.isfinite(json.load(f)["metrics"]["fd"]), file_name
 
 
-def test_a_tiny_flow_run_trains_and_samples_through_the_runner(shared_flow_run: TrainedRun):
+def test_a_tiny_flow_run_trains_and_samples_through_the_runner(
+    shared_flow_run: TrainedRun, tmp_path
+) -> None:
     run = shared_flow_run
     records = read_metrics(run.workdir)
     assert all(np.isfinite(r["loss"]) for r in records)
     config = run.fresh_config()
-    workdir = run.workdir + "_copy"
-    subprocess.run(["cp", "-r", run.workdir, workdir], check=True)
-    try:
-        config.sampling.sampler = "unipc"
-        path = sample_mode.sample(config, workdir)
-        with np.load(path) as stored:
-            assert stored["images"].shape == (6, 8, 8, 1)
-        # The flow's default grid starts at pure noise (t = 1); heun takes its own (karras).
-        assert os.path.basename(path) == "unipc4_seed0.npz"
-        config.sampling.sampler = "heun"
-        assert os.path.basename(sample_mode.sample(config, workdir)) == "heun4_karras_seed0.npz"
-    finally:
-        subprocess.run(["rm", "-rf", workdir], check=True)
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run.workdir, workdir, symlinks=True)
+    config.sampling.sampler = "unipc"
+    path = sample_mode.sample(config, workdir)
+    with np.load(path) as stored:
+        assert stored["images"].shape == (6, 8, 8, 1)
+    # The flow's default grid starts at pure noise (t = 1); heun takes its own (karras).
+    assert os.path.basename(path) == "unipc4_seed0.npz"
+    config.sampling.sampler = "heun"
+    assert os.path.basename(sample_mode.sample(config, workdir)) == "heun4_karras_seed0.npz"
 
 
 @pytest.mark.parametrize(
