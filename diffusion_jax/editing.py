@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
-from diffusion_jax.formulations import DDPM, Formulation, vp_alpha, vp_noise
+from diffusion_jax.formulations import Formulation, as_formulation, vp_alpha, vp_noise
 from diffusion_jax.formulations.base import nearest_level
 from diffusion_jax.guidance import conditioned_model
 from diffusion_jax.samplers import ddpm
@@ -66,15 +66,6 @@ def _check_strength(strength: Any) -> None:
             f"strength must be a number in [0, 1] (0 = input unchanged, 1 = start from "
             f"pure noise); got {strength!r}"
         )
-
-
-def as_formulation(
-    process: Formulation | Schedule, prediction: str = "eps", learn_sigma: bool = False
-) -> Formulation:
-    """A formulation, or a schedule's ddpm formulation with `prediction` and `learn_sigma`."""
-    if isinstance(process, Schedule):
-        return DDPM(process, prediction=prediction, learn_sigma=learn_sigma)
-    return process
 
 
 def sdedit(
@@ -314,12 +305,7 @@ def inpaint(
     x_start = normal(0)
     x_start = keep * (a_start * x0 + np.sqrt(1.0 - a_start**2) * normal(1)) + (1.0 - keep) * x_start
     moves = jnp.arange(step.shape[0], dtype=jnp.int32)
-    move_sigmas = sigmas[step]
-    levels = Level(
-        sigma=jnp.asarray(move_sigmas, dtype),
-        scale=jnp.asarray(formulation.scale(move_sigmas), dtype),
-        time=jnp.asarray(formulation.time(move_sigmas)),
-    )
+    levels = Level.at(formulation, sigmas[step])
     coefs = tuple(jnp.asarray(c, dtype) for c in per_move)
     out, _ = jax.lax.scan(body, x_start.astype(dtype), (moves, levels, *coefs))
     # Known pixels exactly as given (the blend above is exact only where the mask is 1.0 and

@@ -16,10 +16,19 @@ Nothing outside these modules asks which formulation a model is: it asks the for
 from __future__ import annotations
 
 from diffusion_jax.formulations.base import Formulation, vp_alpha, vp_noise
-from diffusion_jax.formulations.ddpm import DDPM
+from diffusion_jax.formulations.ddpm import DDPM, as_formulation
 from diffusion_jax.formulations.edm import EDM
 from diffusion_jax.formulations.flow import Flow
 
 FORMULATIONS = ("ddpm", "edm", "flow")
 
-__all__ = ["DDPM", "EDM", "FORMULATIONS", "Flow", "Formulation", "vp_alpha", "vp_noise"]
+__all__ = [
+    "DDPM",
+    "EDM",
+    "FORMULATIONS",
+    "Flow",
+    "Formulation",
+    "as_formulation",
+    "vp_alpha",
+    "vp_noise",
+]

@@ -128,3 +128,18 @@ class DDPM(Formulation):
             learn_sigma=self.learn_sigma,
             vlb_weight=self.vlb_weight,
         )
+
+
+def as_formulation(
+    process: Formulation | Schedule, prediction: str = "eps", learn_sigma: bool = False
+) -> Formulation:
+    """A formulation as given, or a schedule's ddpm formulation with `prediction` and
+    `learn_sigma` (which describe only a ddpm network: ValueError with another formulation)."""
+    if isinstance(process, Schedule):
+        return DDPM(process, prediction=prediction, learn_sigma=learn_sigma)
+    if prediction != "eps" or learn_sigma:
+        raise ValueError(
+            f"prediction and learn_sigma describe a ddpm model; the {process.name} "
+            "formulation fixes its network's output"
+        )
+    return process

@@ -35,6 +35,18 @@ class Level(NamedTuple):
     scale: Array
     time: Array
 
+    @classmethod
+    def at(cls, formulation: Formulation, sigmas: np.ndarray) -> Level:
+        """Scan inputs (K,) for evaluations at `sigmas`, rounded onto a discrete model's
+        levels."""
+        sig = formulation.round_sigma(sigmas)
+        dtype = diffusion.float_dtype()
+        return cls(
+            sigma=jnp.asarray(sig, dtype),
+            scale=jnp.asarray(formulation.scale(sig), dtype),
+            time=jnp.asarray(formulation.time(sig)),
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
@@ -96,13 +108,7 @@ class Chain:
     def levels(self, sigmas: np.ndarray | None = None) -> Level:
         """Scan inputs (K,) for evaluations at `sigmas` (default: the grid), rounded onto a
         discrete model's levels."""
-        sig = self.formulation.round_sigma(self.sigmas if sigmas is None else sigmas)
-        f, dtype = self.formulation, diffusion.float_dtype()
-        return Level(
-            sigma=jnp.asarray(sig, dtype),
-            scale=jnp.asarray(f.scale(sig), dtype),
-            time=jnp.asarray(f.time(sig)),
-        )
+        return Level.at(self.formulation, self.sigmas if sigmas is None else sigmas)
 
     def bcast(self, c: Array) -> Array:
         """A per-step scalar as (1, ..., 1), to scale x (B, ...)."""

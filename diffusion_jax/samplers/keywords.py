@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from diffusion_jax.formulations import DDPM, Formulation
+from diffusion_jax.formulations import Formulation, as_formulation
 from diffusion_jax.samplers.driver import run
 from diffusion_jax.samplers.spec import SamplerSpec
 from diffusion_jax.schedules import Schedule
@@ -41,15 +41,7 @@ def sample(
     start_timestep: a ddpm chain started at this timestep (SDEdit: pass x_init = q_sample(x0,
     start_timestep)), its N timesteps spaced over [start_timestep, 0].
     """
-    if isinstance(process, Schedule):
-        formulation: Formulation = DDPM(process, prediction=prediction, learn_sigma=learn_sigma)
-    else:
-        if prediction != "eps" or learn_sigma:
-            raise ValueError(
-                f"prediction and learn_sigma describe a ddpm model; the {process.name} "
-                "formulation fixes its network's output"
-            )
-        formulation = process
+    formulation = as_formulation(process, prediction, learn_sigma)
     inputs = {k: choices.pop(k) for k in _INPUTS if k in choices}
     spec = spec_from_keywords(**choices)
     start_sigma = None
