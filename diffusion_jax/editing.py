@@ -30,7 +30,7 @@ import numpy as np
 from diffusion_jax import diffusion
 from diffusion_jax.formulations import Formulation, as_formulation, vp_alpha, vp_noise
 from diffusion_jax.formulations.base import nearest_level
-from diffusion_jax.guidance import conditioned_model
+from diffusion_jax.guidance import bind
 from diffusion_jax.samplers import ddpm
 from diffusion_jax.samplers.base import Denoiser, Level
 from diffusion_jax.samplers.noise import Noise, resolve_sample_ids
@@ -249,7 +249,14 @@ def inpaint(
     _check_mask(mask, shape)
     num_steps = spec.num_steps
     step, jump_from = repaint_schedule(num_steps, resample_steps, jump_length)
-    net = conditioned_model(model_fn, labels, spec.guidance_scale, spec.num_classes, batch)
+    net, guidance = bind(
+        model_fn,
+        labels,
+        spec.guidance_scale,
+        spec.num_classes,
+        batch,
+        interval=spec.guidance_interval,
+    )
     ids = resolve_sample_ids(sample_ids, batch)
     variance, temperature = spec.options.variance, spec.temperature
 
@@ -280,7 +287,12 @@ def inpaint(
     keep = jnp.broadcast_to(jnp.asarray(mask, dtype), shape)
     normal = Noise.for_samples(rng, ids, shape, dtype)
     denoise = Denoiser(
-        net=net, formulation=formulation, shape=shape, clip_x0=spec.clip_x0, dtype=dtype
+        net=net,
+        formulation=formulation,
+        shape=shape,
+        clip_x0=spec.clip_x0,
+        dtype=dtype,
+        guidance=guidance,
     )
 
     def bcast(c: Array) -> Array:
@@ -305,7 +317,7 @@ def inpaint(
     x_start = normal(0)
     x_start = keep * (a_start * x0 + np.sqrt(1.0 - a_start**2) * normal(1)) + (1.0 - keep) * x_start
     moves = jnp.arange(step.shape[0], dtype=jnp.int32)
-    levels = Level.at(formulation, sigmas[step])
+    levels = Level.at(formulation, sigmas[step], denoise.interval)
     coefs = tuple(jnp.asarray(c, dtype) for c in per_move)
     out, _ = jax.lax.scan(body, x_start.astype(dtype), (moves, levels, *coefs))
     # Known pixels exactly as given (the blend above is exact only where the mask is 1.0 and

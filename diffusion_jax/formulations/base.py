@@ -40,7 +40,7 @@ import numpy as np
 
 Array = jax.Array
 # net(x (B, ...) in the formulation's own coordinates, time (B,)) -> network output; labels
-# and guidance already bound (`guidance.conditioned_model`).
+# already bound (`guidance.bind`).
 Net = Callable[[Array, Array], Array]
 
 

@@ -100,7 +100,7 @@ class EDM(Formulation):
 
     def denoise(self, net: Callable[[Array, Array], Array], x: Array, sigma: Any) -> Array:
         """D(x; sigma) (B, ...) with net(x_in (B, ...), time (B,)) -> F (labels and guidance
-        bound in, e.g. `guidance.conditioned_model`). sigma: a scalar or (B,), > 0."""
+        bound in, e.g. `guidance.bind`). sigma: a scalar or (B,), > 0."""
         sigma = jnp.asarray(sigma, x.dtype)
         s = sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
         f = net((self.c_in(s) * x).astype(x.dtype), self.net_time(sigma, x.shape[0]))

@@ -22,6 +22,7 @@ import numpy as np
 
 from diffusion_jax import diffusion
 from diffusion_jax.formulations import Formulation, vp_alpha, vp_noise
+from diffusion_jax.guidance import EVERYWHERE, Guidance, in_interval
 from diffusion_jax.samplers.noise import Noise
 
 Array = jax.Array
@@ -29,40 +30,56 @@ Array = jax.Array
 
 class Level(NamedTuple):
     """Where the network is evaluated: sigma, the scale from x_vp to the formulation's own
-    coordinates and the network's time input. Scalars in a scan body; (K,) as scan inputs."""
+    coordinates, the network's time input and whether guidance applies there (`guidance`).
+    Scalars in a scan body; (K,) as scan inputs."""
 
     sigma: Array
     scale: Array
     time: Array
+    guided: Array
 
     @classmethod
-    def at(cls, formulation: Formulation, sigmas: np.ndarray) -> Level:
+    def at(
+        cls,
+        formulation: Formulation,
+        sigmas: np.ndarray,
+        interval: tuple[float, float] = EVERYWHERE,
+    ) -> Level:
         """Scan inputs (K,) for evaluations at `sigmas`, rounded onto a discrete model's
-        levels."""
+        levels; guided where the rounded level lies in the guidance `interval` (decided in
+        float64, before tracing)."""
         sig = formulation.round_sigma(sigmas)
         dtype = diffusion.float_dtype()
         return cls(
             sigma=jnp.asarray(sig, dtype),
             scale=jnp.asarray(formulation.scale(sig), dtype),
             time=jnp.asarray(formulation.time(sig)),
+            guided=jnp.asarray(in_interval(sig, interval)),
         )
 
 
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
-    """D at one level: net (labels and guidance bound in) through the formulation, from x_vp
-    (B, ...) to the x0 prediction (clipped to [-1, 1] with clip_x0) and, for a learned-variance
-    model, its variance values (else None)."""
+    """D at one level: net (labels bound in) through the formulation, guided where `guidance`
+    says (`guidance.bind`), from x_vp (B, ...) to the x0 prediction (clipped to [-1, 1] with
+    clip_x0, after guidance) and, for a learned-variance model, its variance values (else
+    None)."""
 
     net: Callable[[Array, Array], Array]
     formulation: Formulation
     shape: tuple[int, ...]
     clip_x0: bool
     dtype: Any
+    guidance: Guidance | None = None
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The levels guided (every level when unguided: then nothing differs)."""
+        return EVERYWHERE if self.guidance is None else self.guidance.interval
 
     def __call__(self, x: Array, level: Level) -> tuple[Array, Array | None]:
-        x_own = (x * level.scale.astype(self.dtype)).astype(self.dtype)
-        x0, var_values = self.formulation.denoised(self.net, x_own, level.sigma, level.time)
+        x_own = self.own(x, level)
+        x0, var_values = self._denoised(x_own, level)
         if x0.shape != self.shape:
             raise ValueError(f"model_fn returned shape {x0.shape}; expected {self.shape}")
         if self.clip_x0:
@@ -72,6 +89,23 @@ class Denoiser:
     def own(self, x: Array, level: Level) -> Array:
         """x_vp in the formulation's own coordinates (what the network sees)."""
         return (x * level.scale.astype(self.dtype)).astype(self.dtype)
+
+    def _denoised(self, x: Array, level: Level) -> tuple[Array, Array | None]:
+        formulation, guidance = self.formulation, self.guidance
+
+        def plain(x: Array) -> tuple[Array, Array | None]:
+            return formulation.denoised(self.net, x, level.sigma, level.time)
+
+        if guidance is None:
+            return plain(x)
+
+        def guided(x: Array) -> tuple[Array, Array | None]:
+            return guidance.denoised(formulation, x, level.sigma, level.time)
+
+        if guidance.everywhere:
+            return guided(x)
+        # Outside the interval only the model runs (one network evaluation, not two).
+        return jax.lax.cond(level.guided, guided, plain, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +142,9 @@ class Chain:
     def levels(self, sigmas: np.ndarray | None = None) -> Level:
         """Scan inputs (K,) for evaluations at `sigmas` (default: the grid), rounded onto a
         discrete model's levels."""
-        return Level.at(self.formulation, self.sigmas if sigmas is None else sigmas)
+        return Level.at(
+            self.formulation, self.sigmas if sigmas is None else sigmas, self.denoise.interval
+        )
 
     def bcast(self, c: Array) -> Array:
         """A per-step scalar as (1, ..., 1), to scale x (B, ...)."""

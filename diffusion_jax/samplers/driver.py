@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion
+from diffusion_jax import diffusion, guidance
 from diffusion_jax.data_gaussian import DataGaussian
 from diffusion_jax.formulations import Formulation, vp_alpha
-from diffusion_jax.guidance import conditioned_model
 from diffusion_jax.samplers.base import Chain, Denoiser
 from diffusion_jax.samplers.noise import Noise, resolve_sample_ids
 from diffusion_jax.values import is_int
@@ -44,6 +43,7 @@ def run(
     rng: Array,
     *,
     labels: Array | None = None,
+    guide_fn: Callable[..., Array] | None = None,
     sample_ids: Array | None = None,
     x_init: Array | None = None,
     start_sigma: float | None = None,
@@ -55,6 +55,8 @@ def run(
     input).
 
     labels: (B,) int for a class-conditional model (guidance: spec.guidance_scale).
+    guide_fn: the guide network of autoguidance, called like model_fn (the same labels); with
+    it spec.guidance_scale guides the model by it instead of by its unconditional output.
     sample_ids: (B,) int, default arange(B): sample i draws its noise from
     fold_in(rng, sample_ids[i]) (x at the start from index 0, step k's from k + 1), so it does
     not depend on the batch it is drawn in.
@@ -69,7 +71,15 @@ def run(
     if not shape or not all(is_int(d) and d >= 1 for d in shape):
         raise ValueError(f"shape must be a tuple of positive ints (B, ...); got {shape!r}")
     batch = shape[0]
-    net = conditioned_model(model_fn, labels, spec.guidance_scale, spec.num_classes, batch)
+    net, guided = guidance.bind(
+        model_fn,
+        labels,
+        spec.guidance_scale,
+        spec.num_classes,
+        batch,
+        guide_fn=guide_fn,
+        interval=spec.guidance_interval,
+    )
     sample_ids = resolve_sample_ids(sample_ids, batch)
     if x_init is not None and jnp.shape(x_init) != shape:
         raise ValueError(f"x_init must have shape {shape}; got {jnp.shape(x_init)}")
@@ -87,7 +97,12 @@ def run(
         x = _start(formulation, top, x_init, noise)
         x = data_gaussian.flow(x, vp_alpha(top) ** 2, vp_alpha(sigmas[0]) ** 2)
     denoise = Denoiser(
-        net=net, formulation=formulation, shape=shape, clip_x0=spec.clip_x0, dtype=dtype
+        net=net,
+        formulation=formulation,
+        shape=shape,
+        clip_x0=spec.clip_x0,
+        dtype=dtype,
+        guidance=guided,
     )
     chain = Chain(
         sigmas=sigmas,
@@ -114,6 +129,27 @@ def run(
         x0_pred=ys[1],
         sigmas=jnp.asarray(eval_sigmas, dtype),
     )
+
+
+def evaluation_sigmas(spec: Any, formulation: Formulation) -> np.ndarray:
+    """float64 (K,): the level of each of the sampler's K model evaluations (rounded onto a
+    discrete model's levels), from its scan built on a stand-in chain, traced abstractly:
+    nothing runs."""
+    start = spec.start_sigma(formulation)
+    sigmas = spec.grid(formulation, start)
+    found: list[np.ndarray] = []
+
+    def build(x: Array) -> Array:
+        denoise = Denoiser(
+            net=lambda x, t: x, formulation=formulation, shape=x.shape, clip_x0=False, dtype=x.dtype
+        )
+        noise = Noise(keys=jax.random.split(jax.random.key(0), 1), shape=(), dtype=x.dtype)
+        chain = Chain(sigmas, x, denoise, noise, spec.options, spec.temperature)
+        found.append(spec.entry.build(chain).eval_sigmas)
+        return x
+
+    jax.eval_shape(build, jax.ShapeDtypeStruct((1,), diffusion.float_dtype()))
+    return np.asarray(formulation.round_sigma(found[0]), np.float64)
 
 
 def prior_sigma(spec: Any, formulation: Formulation) -> float:

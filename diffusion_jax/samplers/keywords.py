@@ -18,7 +18,7 @@ Array = jax.Array
 
 
 # `sample` arguments that are per call, not sampling choices.
-_INPUTS = ("labels", "sample_ids", "x_init", "return_trajectory", "data_gaussian")
+_INPUTS = ("labels", "guide_fn", "sample_ids", "x_init", "return_trajectory", "data_gaussian")
 
 
 def sample(

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from diffusion_jax import guidance
 from diffusion_jax.formulations import Formulation
 from diffusion_jax.samplers import driver, grid, registry, spacing
 from diffusion_jax.samplers.base import Sampler, option_labels
@@ -40,8 +41,10 @@ class SamplerSpec:
     formulation (`default_spacing`). sigma_min, sigma_max, rho: the 'karras' / 'logsnr' range
     (a discrete model's lowest level replaces sigma_min; 'linspace' on edm ends at sigma_max).
     options: the sampler's options (None = its defaults). clip_x0: clip every x0 prediction to
-    [-1, 1]. temperature: scales injected noise (stochastic samplers). guidance_scale,
-    num_classes: classifier-free guidance (null label num_classes). gaussian_start_t (a
+    [-1, 1]. temperature: scales injected noise (stochastic samplers). guidance_scale: w of
+    D_guide + w (D - D_guide), 1 = unguided; the guide is the unconditional model (null label
+    num_classes) or a guide network (autoguidance, `sample(..., guide_fn=)`).
+    guidance_interval: (lo, hi], the levels guided (default: every level). gaussian_start_t (a
     discrete model's timestep) or gaussian_start_sigma (any model's level): > 0 replaces the
     chain above that level by the exact flow of the data's Gaussian model.
     """
@@ -56,6 +59,7 @@ class SamplerSpec:
     clip_x0: bool = True
     temperature: float = 1.0
     guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] = guidance.EVERYWHERE
     num_classes: int | None = None
     gaussian_start_t: int = 0
     gaussian_start_sigma: float = 0.0
@@ -63,6 +67,8 @@ class SamplerSpec:
     def __post_init__(self) -> None:
         entry = registry.get_sampler(self.sampler)
         object.__setattr__(self, "sampler", entry.name)
+        if isinstance(self.guidance_interval, list | tuple):  # hashable, as the spec must be
+            object.__setattr__(self, "guidance_interval", tuple(self.guidance_interval))
         if self.options is None:
             object.__setattr__(self, "options", entry.options())
         elif not isinstance(self.options, entry.options):
@@ -84,6 +90,8 @@ class SamplerSpec:
         s = config.sampling
         entry = registry.get_sampler(s.sampler)
         values = {f: s[f] for f in _spec_fields() if f not in ("options", "num_classes") and f in s}
+        if "guidance_interval" in values and not values["guidance_interval"]:
+            values["guidance_interval"] = guidance.EVERYWHERE  # () in a config: every level
         option_values = {f: s[f] for f in _field_names(entry.options) if f in s}
         values["options"] = entry.options(**option_values)
         return cls(**values, num_classes=num_classes)
@@ -126,6 +134,20 @@ class SamplerSpec:
     def num_evaluations(self) -> int:
         """Model evaluations of one sample (each guided one is a doubled batch)."""
         return int(self.entry.num_evaluations(self.num_steps))
+
+    @property
+    def guided(self) -> bool:
+        """Whether guidance applies (a scale other than 1, with a guide or labels)."""
+        return self.guidance_scale != 1.0
+
+    def network_evaluations(self, formulation: Formulation) -> int:
+        """Network evaluations per sample: one per model evaluation, and one more for each
+        guided one (the guide's: a doubled batch, or a second network)."""
+        everywhere = self.guidance_interval == guidance.EVERYWHERE
+        if not self.guided or (self.guidance_scale == 0.0 and everywhere):
+            return self.num_evaluations
+        levels = driver.evaluation_sigmas(self, formulation)
+        return len(levels) + int(np.sum(guidance.in_interval(levels, self.guidance_interval)))
 
     def spacing_for(self, formulation: Formulation) -> str:
         """timestep_spacing, or the sampler's default grid for this formulation ('')."""
@@ -178,6 +200,7 @@ class SamplerSpec:
             raise ValueError(f"clip_x0 must be a bool; got {self.clip_x0!r}")
         if is_real(self.temperature) and not self.temperature >= 0.0:
             raise ValueError(f"temperature must be >= 0; got {self.temperature!r}")
+        guidance.check_interval(self.guidance_interval)
         start = self._check_gaussian_start(formulation, start_sigma)
         sigmas = self.grid(formulation, start if start is not None else start_sigma)
         if entry.check_grid is not None:
@@ -229,7 +252,8 @@ class SamplerSpec:
         module), the grid's spacing where not 'linspace' (resolved for `formulation` when
         timestep_spacing is ''), sigma_max and rho where they apply and differ from 80 and 7,
         sigma_min where a continuous grid uses it and it is not 0.002, the Gaussian start
-        ('gs800', 'gss2.5'), guidance_scale, temperature and clip_x0 where not the default."""
+        ('gs800', 'gss2.5'), guidance_scale and (when guided) its interval ('g2_gi0.3-5'),
+        temperature and clip_x0 where not the default."""
         parts = [self.tag, *option_labels(self.options)]
         spacing_name = self.timestep_spacing
         if not spacing_name and formulation is not None:
@@ -250,6 +274,9 @@ class SamplerSpec:
             parts.append(f"gss{self.gaussian_start_sigma:g}")
         if self.guidance_scale != 1.0:
             parts.append(f"g{self.guidance_scale:g}")
+            if tuple(self.guidance_interval) != guidance.EVERYWHERE:
+                lo, hi = self.guidance_interval
+                parts.append(f"gi{lo:g}-{hi:g}")
         if self.temperature != 1.0:
             parts.append(f"temp{self.temperature:g}")
         if not self.clip_x0:
@@ -265,8 +292,8 @@ class SamplerSpec:
         **inputs: Any,
     ) -> Any:
         """`driver.run(self, model_fn, formulation, shape, rng, **inputs)`; inputs are the
-        per-call arguments (labels, sample_ids, x_init, start_sigma, return_trajectory,
-        data_gaussian)."""
+        per-call arguments (labels, guide_fn, sample_ids, x_init, start_sigma,
+        return_trajectory, data_gaussian)."""
         return driver.run(self, model_fn, formulation, shape, rng, **inputs)
 
 
