@@ -138,7 +138,14 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.num_samples = 1000
     sampling.batch_size = 250  # per call; samples do not depend on it
     sampling.seed = 0
-    sampling.guidance_scale = 1.0  # classifier-free guidance (class-conditional models)
+    # Guidance (docs/guidance.md): D_guide + scale (D - D_guide); 1.0 = unguided. The guide is
+    # the unconditional model (classifier-free guidance, class-conditional models) or, with
+    # sampling.guide, a weaker model (autoguidance): 'step:<N>' (this run at step N),
+    # 'posthoc_ema:<sigma_rel>' or 'workdir:<path>[@<N>]' (another run of the same data).
+    sampling.guidance_scale = 1.0
+    sampling.guide = ""
+    # (sigma_lo, sigma_hi): guide only at levels sigma_lo < sigma <= sigma_hi; () = every level.
+    sampling.guidance_interval = ()
     sampling.label = -1  # class to sample with guidance; -1 = cycle through all classes
     sampling.name = ""  # '' = derived from sampler, steps and seed
     # The parameters sampled: 'ema' (the run's EMA) or 'posthoc_ema:<sigma_rel>' (written by

@@ -110,14 +110,18 @@ def sample(
     seed: int = 0,
     guidance_scale: float | None = None,
     labels: int | Sequence[int] | np.ndarray | None = None,
+    guide: Run | str | None = None,
     **sampler_kwargs: Any,
 ) -> np.ndarray:
     """float32 (num_samples, H, W, C) samples in [-1, 1] from the run's EMA parameters.
 
     Unset options come from the run's `config.sampling`; `sampler_kwargs` go to
     `samplers.sample` (eta, temperature, timestep_spacing, ...). Sample i depends only on
-    (seed, i). `labels` (an int for all samples, or one per sample) and `guidance_scale` need a
-    class-conditional run; such a run without `labels` cycles through the classes 0, 1, ...
+    (seed, i). `labels` (an int for all samples, or one per sample) need a class-conditional
+    run; such a run without `labels` cycles through the classes 0, 1, ... `guidance_scale`
+    guides by the unconditional model (classifier-free, class-conditional runs) or, with
+    `guide` (a loaded `Run` or a source such as 'step:1000'; `Run.sample`), by that weaker
+    model (autoguidance, any run).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples}; ask for at least one sample")
@@ -129,9 +133,12 @@ def sample(
         sampler_kwargs["guidance_scale"] = guidance_scale
     num_classes = run.num_classes
     if num_classes is None:
-        if labels is not None or (guidance_scale is not None and guidance_scale != 1.0):
+        if labels is not None:
+            raise ValueError(f"{run.workdir} is not class-conditional; drop labels")
+        if guide is None and guidance_scale is not None and guidance_scale != 1.0:
             raise ValueError(
-                f"{run.workdir} is not class-conditional; drop labels and guidance_scale"
+                f"{run.workdir} is not class-conditional: guidance_scale needs a guide "
+                "(autoguidance, e.g. guide='step:1000'), or drop it"
             )
         label_array = None
     elif labels is None:
@@ -140,7 +147,7 @@ def sample(
         label_array = np.broadcast_to(np.asarray(labels, np.int32), (num_samples,)).copy()
         if label_array.min() < 0 or label_array.max() >= num_classes:
             raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {labels}")
-    return run.sample(num_samples, seed=seed, labels=label_array, **sampler_kwargs)
+    return run.sample(num_samples, seed=seed, labels=label_array, guide=guide, **sampler_kwargs)
 
 
 def _as_uint8(x: np.ndarray) -> np.ndarray:

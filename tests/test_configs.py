@@ -84,7 +84,7 @@ BAD_VALUES = [
     ("model.dtype", "float16", "bfloat16"),
     ("model.attn_resolutions", (3,), "attn_resolutions"),
     ("data.image_size", 9, "divisible"),
-    ("sampling.guidance_scale", 3.0, "class_conditional"),
+    ("sampling.guidance_scale", 3.0, r"needs a guide: set sampling\.guide"),
     ("training.ema_warmup", "warm", r"use one of \('ramp', 'debias', 'none'\)"),
     ("diffusion.zero_terminal_snr", True, r"prediction=v"),
     ("sampling.sigma_max", 0.0, "sigma_max must be a finite number > 0"),

@@ -23,6 +23,7 @@ from diffusion_jax import checkpointing, editing, images, samplers
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import ConfigError
 from diffusion_jax.runner import generate, loading, validation
+from diffusion_jax.runner import guide as guide_lib
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.values import is_int, is_real
 
@@ -69,6 +70,11 @@ def check_edit(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if guide_lib.of_config(config) is not None:
+        raise ConfigError(
+            "sampling.guide (autoguidance) is for --mode=sample|eval and Run.sample; the editing "
+            "and visualize modes guide by the unconditional model only: set sampling.guide=''"
+        )
 
 
 # The config sections the editing and visualisation modes use.

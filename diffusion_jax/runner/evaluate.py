@@ -47,6 +47,7 @@ from diffusion_jax.evaluation import reference
 from diffusion_jax.evaluation.features import FeatureNetwork
 from diffusion_jax.runner import ema_snapshots, generate, validation, workdir_lock
 from diffusion_jax.runner import formulation as formulation_lib
+from diffusion_jax.runner import guide as guide_lib
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
@@ -83,6 +84,8 @@ def eval_name(config: ml_collections.ConfigDict) -> str:
         parts.append("noclip")
     if (sigma_rel := ema_snapshots.parse_params(s.get("params", "ema"))) is not None:
         parts.append(f"phema{sigma_rel:g}")
+    if (source := guide_lib.of_config(config)) is not None:
+        parts.append(source.label)
     parts += [f"seed{s.seed}", f"n{config.eval.num_samples}"]
     return "_".join(parts)
 
@@ -220,6 +223,7 @@ def evaluate(
     checkpointing.require_checkpoint(workdir)
     validation.check_saved_config(config, workdir, allow_config_change)
     ema_snapshots.require_params(workdir, config.sampling.get("params", "ema"))
+    guide_lib.check(config, workdir)
     name = eval_name(config)
     workdir_lib.contained_path(workdir, "eval", name + ".json")  # before any work, not after
     workdir_lib.contained_path(workdir, "eval", name)
@@ -234,9 +238,12 @@ def evaluate(
         reference.load_reference_stats(reference_stats_path(config), expected_network=network)
     state = setup.restore(workdir)
     params, step = setup.sampling_params(state, workdir)
+    guide = guide_lib.load(setup, workdir)
 
     started = time.perf_counter()
-    images, generated = _generate_shards(config, setup, params, workdir, name, step, after_shard)
+    images, generated = _generate_shards(
+        config, setup, params, guide, workdir, name, step, after_shard
+    )
     elapsed = time.perf_counter() - started
     per_1000 = 1000.0 * elapsed / generated if generated else None
     logging.info("Eval %s: %d samples ready (%d generated now)", name, len(images), generated)
@@ -260,7 +267,10 @@ def evaluate(
             "sampling": config.sampling.to_dict(),
             # What the sampling settings resolved to on this run's formulation.
             "grid": setup.sampler_spec().spacing_for(setup.formulation),
+            **({} if guide is None else {"guide_step": guide.step}),
             "model_evaluations": setup.sampler_spec().num_evaluations,
+            # With guidance, the guide's evaluations too (doubled batches count twice).
+            "network_evaluations": setup.sampler_spec().network_evaluations(setup.formulation),
             "eval": config.eval.to_dict(),
         }
         workdir_lib.atomic_write_json(result_path, record)
@@ -286,6 +296,7 @@ def _generate_shards(
     config: ml_collections.ConfigDict,
     setup: ModelSetup,
     params: Any,
+    guide: guide_lib.Guide | None,
     workdir: str,
     name: str,
     step: int,
@@ -296,6 +307,7 @@ def _generate_shards(
     shard_dir = workdir_lib.contained_path(workdir, "eval", name)
     manifest = {
         "step": step,
+        **({} if guide is None else {"guide_step": guide.step}),
         "num_samples": e.num_samples,
         "shard_size": e.shard_size,
         "sampling": config.sampling.to_dict(),
@@ -320,7 +332,7 @@ def _generate_shards(
                 shards.append(shard)
                 continue
             if sample_fn is None:  # compile only when something is left to generate
-                sample_fn = setup.sample_fn(batch_size, workdir=workdir)
+                sample_fn = setup.sample_fn(batch_size, workdir=workdir, guide=guide)
             batches = generate.generate_batches(
                 sample_fn,
                 params,

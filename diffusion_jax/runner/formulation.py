@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from diffusion_jax import formulations, schedules
 from diffusion_jax.errors import ConfigError
@@ -48,6 +49,28 @@ def from_config(config: Any) -> formulations.Formulation:
         min_snr_gamma=d.min_snr_gamma,
         vlb_weight=d.get("vlb_weight", 0.001),
     )
+
+
+def denoiser_difference(config: Any, other: Any) -> str:
+    """'' when the networks of two run configs mean the same by their output (the same
+    formulation; ddpm: the same schedule, prediction and learned variance; edm: the same
+    sigma_data), else what differs in `other`."""
+    ours, theirs = from_config(config), from_config(other)
+    if ours.name != theirs.name:
+        return f"diffusion.formulation={theirs.name!r}, not {ours.name!r}"
+    if isinstance(ours, formulations.DDPM) and isinstance(theirs, formulations.DDPM):
+        for key, a, b in (
+            ("diffusion.prediction", ours.prediction, theirs.prediction),
+            ("model.learn_sigma", ours.learn_sigma, theirs.learn_sigma),
+        ):
+            if a != b:
+                return f"{key}={b!r}, not {a!r}"
+        if not np.array_equal(ours.levels, theirs.levels):
+            return "another noise schedule (diffusion.schedule, num_timesteps, ...)"
+    if isinstance(ours, formulations.EDM) and isinstance(theirs, formulations.EDM):
+        if ours.sigma_data != theirs.sigma_data:
+            return f"diffusion.sigma_data={theirs.sigma_data!r}, not {ours.sigma_data!r}"
+    return ""
 
 
 def check(config: ml_collections.ConfigDict) -> None:

@@ -23,6 +23,7 @@ from diffusion_jax.errors import NonFiniteError
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.runner import ema_snapshots
 from diffusion_jax.runner import formulation as formulation_lib
+from diffusion_jax.runner import guide as guide_lib
 from diffusion_jax.runner import workdir as workdir_lib
 
 PyTree = Any
@@ -32,8 +33,9 @@ SampleFn = Callable[[PyTree, HostOrDevice, HostOrDevice, HostOrDevice | None], j
 
 def sample_name(config: ml_collections.ConfigDict, spec: samplers.SamplerSpec | None = None) -> str:
     """File stem for a sample set: `sampling.name` (a plain name), else every setting that
-    changes the samples (`SamplerSpec.name`), the label and the seed, e.g. 'ddim50_eta0.5_seed0'
-    or 'dpm_solverpp20_gs900_seed0'. spec: the config's, if already built."""
+    changes the samples (`SamplerSpec.name`), the label, the parameters, the guide and the
+    seed, e.g. 'ddim50_eta0.5_seed0' or 'dpm_solverpp20_g2_gi0.3-5_agstep1000_seed0'. spec: the
+    config's, if already built."""
     if config.sampling.name:
         return workdir_lib.output_name(config.sampling.name, "sampling.name")
     spec = spec or samplers.SamplerSpec.from_config(config)
@@ -42,6 +44,8 @@ def sample_name(config: ml_collections.ConfigDict, spec: samplers.SamplerSpec | 
         parts.append(f"label{config.sampling.label}")
     if (sigma_rel := ema_snapshots.parse_params(config.sampling.get("params", "ema"))) is not None:
         parts.append(f"phema{sigma_rel:g}")
+    if (source := guide_lib.of_config(config)) is not None:
+        parts.append(source.label)
     return "_".join([*parts, f"seed{config.sampling.seed}"])
 
 
@@ -80,11 +84,13 @@ def make_sample_fn(
     mesh: Mesh,
     data_gaussian: DataGaussian | None = None,
     compiler_options: dict[str, Any] | None = None,
+    guide: guide_lib.Guide | None = None,
 ) -> SampleFn:
     """`fn(params, rng, sample_ids (B,), labels (B,) | None) -> (B, H, W, C) float32`, jitted.
 
     data_gaussian: the data's Gaussian model for a Gaussian start (passed to the
-    compiled sampler as a replicated argument, not embedded in it).
+    compiled sampler as a replicated argument, not embedded in it). guide: autoguidance's
+    guide network, evaluated in the same program (its parameters a replicated argument).
     The batch axis is sharded over the mesh; params (gathered onto every device if they are
     split along 'fsdp') and rng (uint32 (2,) key data) are replicated. rng, ids and labels may
     be numpy values that every process holds whole; the output is a global array (see
@@ -98,27 +104,27 @@ def make_sample_fn(
         sample_ids: jax.Array,
         labels: jax.Array | None,
         gaussian: DataGaussian | None,
+        guide_params: PyTree,
     ) -> jax.Array:
-        def model_fn(x_t: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
-            return cast(jax.Array, model.apply({"params": params}, x_t, t, labels, train=False))
-
         return cast(
             jax.Array,
             spec.sample(
-                model_fn,
+                network(model, params),
                 formulation,
                 (batch_size, *image_shape),
                 rng,
                 labels=labels,
+                guide_fn=None if guide is None else network(guide.model, guide_params),
                 sample_ids=sample_ids,
                 data_gaussian=gaussian,
             ),
         )
 
     replicated, batch = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
+    guide_params = None if guide is None else jax.device_put(guide.params, replicated)
     jitted = jax.jit(
         generate,
-        in_shardings=(replicated, replicated, batch, batch, replicated),
+        in_shardings=(replicated, replicated, batch, batch, replicated, replicated),
         out_shardings=batch,
         compiler_options=compiler_options,
     )
@@ -143,9 +149,20 @@ def make_sample_fn(
             _as_global(sample_ids, batch),
             None if labels is None else _as_global(labels, batch),
             gaussian,
+            guide_params,
         )
 
     return sample_fn
+
+
+def network(model: Any, params: PyTree) -> Callable[..., jax.Array]:
+    """`fn(x_t (B, H, W, C), t (B,), labels (B,) | None = None) -> output` of a model's
+    parameters, eval mode."""
+
+    def fn(x_t: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+        return cast(jax.Array, model.apply({"params": params}, x_t, t, labels, train=False))
+
+    return fn
 
 
 def _as_global(value: HostOrDevice, sharding: jax.sharding.Sharding) -> jax.Array:

@@ -27,7 +27,10 @@ from diffusion_jax import (
     train_state,
 )
 from diffusion_jax.data_gaussian import DataGaussian
+from diffusion_jax.errors import ConfigError
 from diffusion_jax.runner import ema_snapshots, xla_options
+from diffusion_jax.runner import generate as generate_lib
+from diffusion_jax.runner import guide as guide_lib
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
@@ -88,16 +91,19 @@ class Run:
         *,
         seed: int = 0,
         labels: np.ndarray | None = None,
+        guide: Run | str | None = None,
         **sampler_kwargs: Any,
     ) -> np.ndarray:
         """float32 (num_samples, H, W, C) samples in [-1, 1] on one device (for notebooks).
 
         sampler_kwargs replace fields of the run's `sampler_spec()` (sampler, num_steps, eta,
-        guidance_scale, ...; see `samplers.SamplerSpec`); other keywords go to `samplers.sample`
-        (x_init, start_timestep, ...). Sample i uses fold_in(seed key, i),
-        as in the sample and eval modes. The compiled sampler is cached per option set (spec,
-        num_samples, non-array keywords): calling again with the same options, any seed or
-        labels, compiles nothing.
+        guidance_scale, guidance_interval, ...; see `samplers.SamplerSpec`); other keywords go
+        to `samplers.sample` (x_init, start_timestep, ...). guide: autoguidance's guide, another
+        loaded `Run` (e.g. `load_run(workdir, step=1000)`) or a `sampling.guide` source
+        ('step:1000', 'posthoc_ema:0.05', 'workdir:<path>'); it applies where guidance_scale
+        != 1. Sample i uses fold_in(seed key, i), as in the sample and eval modes. The compiled
+        sampler is cached per option set (spec, num_samples, non-array keywords, guide model):
+        calling again with the same options, any seed or labels, compiles nothing.
         """
         names = samplers.choice_names()
         spec = self.sampler_spec().choose(**{k: v for k, v in sampler_kwargs.items() if k in names})
@@ -112,31 +118,56 @@ class Run:
         gaussian = None
         if spec.start_sigma(self.formulation) is not None:
             gaussian = self.setup.data_gaussian(self.workdir).as_arrays(diffusion.float_dtype())
-        key = (spec, shape, static)
+        loaded = self.guide(guide) if guide is not None and spec.guided else None
+        guide_model = None if loaded is None else loaded.model
+        key = (spec, shape, static, id(guide_model))
         generate = self._samplers.get(key)
         if generate is None:
-            generate = self._samplers[key] = self._jit_sampler(spec, shape, dict(static))
+            generate = self._samplers[key] = self._jit_sampler(
+                spec, shape, dict(static), guide_model
+            )
         label_array = None if labels is None else np.asarray(labels, np.int32)
-        return np.asarray(
-            generate(self.params, jax.random.PRNGKey(seed), label_array, gaussian, arrays)
-        )
+        guide_params = None if loaded is None else loaded.params
+        rng = jax.random.PRNGKey(seed)
+        return np.asarray(generate(self.params, guide_params, rng, label_array, gaussian, arrays))
+
+    def guide(self, guide: Run | str) -> guide_lib.Guide:
+        """Autoguidance's guide for this run: another loaded run of the same data and
+        formulation, or a `sampling.guide` source resolved in this run's workdir."""
+        if isinstance(guide, str):
+            source = guide_lib.parse(guide)
+            if source is None:
+                raise ConfigError("guide='' names no guide; pass a source or a loaded Run")
+            return guide_lib.load_source(source, self.setup, self.workdir)
+        guide_lib.check_compatible(self.config, guide.config, guide.workdir)
+        source = guide_lib.Source(workdir=guide.workdir, step=guide.step)
+        return guide_lib.Guide(guide.setup.model, guide.params, guide.step, source)
 
     def _jit_sampler(
-        self, spec: samplers.SamplerSpec, shape: tuple[int, ...], static: dict[str, Any]
+        self,
+        spec: samplers.SamplerSpec,
+        shape: tuple[int, ...],
+        static: dict[str, Any],
+        guide_model: Any = None,
     ) -> Any:
-        """The jitted sampler of one option set; parameters, key, labels, data Gaussian and
-        array inputs (x_init, sample_ids, ...) are its arguments, so new values of the same
-        shapes reuse the compiled program (jit retraces by itself for new shapes)."""
+        """The jitted sampler of one option set; parameters (the guide's too), key, labels,
+        data Gaussian and array inputs (x_init, sample_ids, ...) are its arguments, so new
+        values of the same shapes reuse the compiled program (jit retraces by itself for new
+        shapes)."""
         setup = self.setup
 
         @functools.partial(jax.jit, compiler_options=xla_options.compiler_options(setup.config))
         def generate(
             params: PyTree,
+            guide_params: PyTree,
             rng: jax.Array,
             labels: jax.Array | None,
             gaussian: DataGaussian | None,
             arrays: dict[str, jax.Array],
         ) -> jax.Array:
+            guide_fn = None
+            if guide_model is not None:
+                guide_fn = generate_lib.network(guide_model, guide_params)
             return cast(
                 jax.Array,
                 spec.sample(
@@ -145,6 +176,7 @@ class Run:
                     shape,
                     rng,
                     labels=labels,
+                    guide_fn=guide_fn,
                     data_gaussian=gaussian,
                     **arrays,
                     **static,

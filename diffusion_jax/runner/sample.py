@@ -19,6 +19,7 @@ from absl import logging
 
 from diffusion_jax import checkpointing, samplers
 from diffusion_jax.runner import ema_snapshots, generate, validation
+from diffusion_jax.runner import guide as guide_lib
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
@@ -29,7 +30,7 @@ def sample(
     config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> str:
     """Write `<workdir>/samples/<name>.npz` and `.png` from the latest checkpoint's EMA params
-    (or the post-hoc EMA that `sampling.params` names).
+    (or the post-hoc EMA that `sampling.params` names), guided by `sampling.guide` if set.
 
     Refuses (`ConfigError`) a config whose model, data or diffusion keys differ from the run's
     saved `config.json` (sampling a v-prediction model as eps would give wrong images silently)
@@ -42,6 +43,7 @@ def sample(
     checkpointing.require_checkpoint(workdir)
     validation.check_saved_config(config, workdir, allow_config_change)
     ema_snapshots.require_params(workdir, config.sampling.get("params", "ema"))
+    guide_lib.check(config, workdir)
     stem = workdir_lib.contained_path(workdir, "samples", name)
     for suffix in (".npz", ".png", ".json"):
         workdir_lib.contained_path(workdir, "samples", name + suffix)
@@ -49,10 +51,13 @@ def sample(
     setup = ModelSetup(config)
     state = setup.restore(workdir)
     params, step = setup.sampling_params(state, workdir)
+    guide = guide_lib.load(setup, workdir)
     labels_fn = setup.labels_fn()
     batch_size = generate.device_batch_size(scfg.batch_size, setup.mesh.size, scfg.num_samples)
     batches = generate.generate_batches(
-        setup.sample_fn(batch_size, spec.replace(num_classes=setup.num_classes), workdir),
+        setup.sample_fn(
+            batch_size, spec.replace(num_classes=setup.num_classes), workdir, guide=guide
+        ),
         params,
         seed=scfg.seed,
         num_samples=scfg.num_samples,
@@ -75,5 +80,7 @@ def sample(
         workdir_lib.atomic_savez(stem + ".npz", **arrays)
         workdir_lib.write_grid(stem + ".png", samples[: min(len(samples), 100)])
         record = {"step": step, "sampling": scfg.to_dict()}
+        if guide is not None:
+            record["guide_step"] = guide.step
         workdir_lib.atomic_write_json(stem + ".json", record)
     return stem + ".npz"

@@ -30,6 +30,7 @@ from diffusion_jax.errors import ConfigError, DatasetNotPreparedError, NoCheckpo
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.runner import ema_snapshots, generate, validation, xla_options
 from diffusion_jax.runner import formulation as formulation_lib
+from diffusion_jax.runner import guide as guide_lib
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.validation import validate_against_dataset
 
@@ -146,13 +147,7 @@ class ModelSetup:
 
     def model_fn(self, params: PyTree) -> Any:
         """`fn(x_t (B, H, W, C), t (B,), labels (B,) | None = None) -> output`, eval mode."""
-
-        def fn(x_t: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
-            return cast(
-                jax.Array, self.model.apply({"params": params}, x_t, t, labels, train=False)
-            )
-
-        return fn
+        return generate.network(self.model, params)
 
     @property
     def num_classes(self) -> int | None:
@@ -186,10 +181,12 @@ class ModelSetup:
         batch_size: int,
         spec: samplers.SamplerSpec | None = None,
         workdir: str | None = None,
+        guide: guide_lib.Guide | None = None,
     ) -> Any:
         """The jitted, mesh-sharded sampler of `generate.make_sample_fn` for batches of
-        `batch_size`, with `spec` (default: `sampler_spec()`); a Gaussian start reads the
-        data's Gaussian model from `workdir` (`data_gaussian`)."""
+        `batch_size`, with `spec` (default: `sampler_spec()`) and autoguidance's `guide`
+        (`guide.load`); a Gaussian start reads the data's Gaussian model from `workdir`
+        (`data_gaussian`)."""
         spec = spec or self.sampler_spec()
         return generate.make_sample_fn(
             self.model,
@@ -204,6 +201,7 @@ class ModelSetup:
                 else None
             ),
             compiler_options=xla_options.compiler_options(self.config),
+            guide=guide,
         )
 
     def data_gaussian(self, workdir: str | None = None) -> DataGaussian:

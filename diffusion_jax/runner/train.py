@@ -24,6 +24,7 @@ from diffusion_jax import checkpointing, parallel, train_state
 from diffusion_jax.data import pipeline
 from diffusion_jax.errors import NonFiniteError
 from diffusion_jax.runner import ema_snapshots, generate, validation, workdir_lock
+from diffusion_jax.runner import guide as guide_lib
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.runner.setup import ModelSetup
 
@@ -154,8 +155,11 @@ def _train(
 
     train_step = setup.train_step()
     writer = workdir_lib.MetricWriter(workdir)
+    grid_spec = setup.sampler_spec()
+    if guide_lib.of_config(config) is not None:  # the guide is a trained model: grids unguided
+        grid_spec = grid_spec.replace(guidance_scale=1.0)
     grid_fn = setup.sample_fn(
-        generate.device_multiple(tcfg.num_grid_samples, setup.mesh.size), workdir=workdir
+        generate.device_multiple(tcfg.num_grid_samples, setup.mesh.size), grid_spec, workdir
     )
     nan_steps = set(tcfg.debug_nan_steps)
     save_seconds, num_saves = 0.0, 0

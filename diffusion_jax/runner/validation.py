@@ -27,6 +27,7 @@ from diffusion_jax.errors import ConfigError
 from diffusion_jax.models.unet import validate_unet_config
 from diffusion_jax.runner import ema_snapshots, xla_options
 from diffusion_jax.runner import formulation as formulation_lib
+from diffusion_jax.runner import guide as guide_lib
 from diffusion_jax.runner import workdir as workdir_lib
 from diffusion_jax.values import is_int, is_real
 
@@ -250,16 +251,20 @@ def check_sampling(config: ml_collections.ConfigDict, num_devices: int) -> None:
             (s.guidance_scale >= 0, f"sampling.guidance_scale={s.guidance_scale}; use >= 0"),
         ]
     )
-    if s.guidance_scale != 1.0 and m.class_conditional and d.label_dropout == 0:
-        raise ConfigError(
-            "sampling.guidance_scale needs an unconditional model too: train with "
-            "diffusion.label_dropout > 0 (e.g. 0.1), or leave guidance_scale=1.0"
-        )
-    if s.guidance_scale != 1.0 and not m.class_conditional:
-        raise ConfigError(
-            "sampling.guidance_scale needs a class-conditional model; set "
-            "model.class_conditional=True when training, or leave guidance_scale=1.0"
-        )
+    autoguided = guide_lib.parse(s.get("guide", "")) is not None
+    if s.guidance_scale != 1.0 and not autoguided:
+        if m.class_conditional and d.label_dropout == 0:
+            raise ConfigError(
+                "sampling.guidance_scale needs an unconditional model too: train with "
+                "diffusion.label_dropout > 0 (e.g. 0.1), set sampling.guide (autoguidance), "
+                "or leave guidance_scale=1.0"
+            )
+        if not m.class_conditional:
+            raise ConfigError(
+                "sampling.guidance_scale on an unconditional model needs a guide: set "
+                "sampling.guide (autoguidance, e.g. 'step:1000'; docs/guidance.md), or leave "
+                "guidance_scale=1.0"
+            )
     formulation = formulation_lib.from_config(config)
     _reraise(lambda: samplers.check_options(s, formulation))
     _reraise(lambda: samplers.SamplerSpec.from_config(config).validate(formulation))
