@@ -6,7 +6,9 @@ print the table of `experiments.eval_table`.
         --gaussian_start=0,800 --seeds=0
 
 Every combination is one eval (`eval/<name>.json`, resumable: a finished cell is only re-read);
-`--config.*` overrides apply to all. Combinations a sampler cannot run (more steps than the
+`--config.*` overrides apply to all. --sweep=FILE (the grammar of `experiments.sweep`, over
+`sampling.*` keys only) scores every point of it in every cell, e.g. guidance scale x interval
+x guide (configs/sweeps/guidance.py). Combinations a sampler cannot run (more steps than the
 Gaussian start leaves) are skipped. --gaussian_start is a ddpm timestep
 (sampling.gaussian_start_t). `make digits-table` runs the table of docs/evaluation.md.
 """
@@ -21,7 +23,7 @@ from ml_collections import config_flags
 
 from diffusion_jax.analysis import load_eval_results
 from diffusion_jax.errors import UserError
-from diffusion_jax.runner import cli, evaluate
+from diffusion_jax.runner import cli, evaluate, sweeps
 from experiments.tables import format_table
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
@@ -36,6 +38,9 @@ _SPACINGS = flags.DEFINE_list(
 _GAUSSIAN_START = flags.DEFINE_list("gaussian_start", ["0"], "sampling.gaussian_start_t values.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "sampling.seed values.")
 _METRIC = flags.DEFINE_string("metric", "fd", "Metric to tabulate.")
+_SWEEP = flags.DEFINE_string(
+    "sweep", None, "A sweep file over sampling.* keys; each point is scored in every cell."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,23 +55,41 @@ def main(argv: list[str]) -> None:
         [int(s) for s in _SEEDS.value],
     )
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
-    for sampler, num_steps, spacing, start, seed in cells:
-        if start and num_steps > start + 1:
-            continue
-        config = _CONFIG.value.copy_and_resolve_references()
-        config.sampling.update(
-            sampler=sampler,
-            num_steps=num_steps,
-            timestep_spacing="" if spacing == "default" else spacing,
-            gaussian_start_t=start,
-            seed=seed,
-        )
-        config.eval.bpd_num_images = 0
-        try:
+    try:
+        points = _sampling_points(_SWEEP.value)
+        for (sampler, num_steps, spacing, start, seed), point in itertools.product(cells, points):
+            if start and num_steps > start + 1:
+                continue
+            config = sweeps.apply_overrides(_CONFIG.value, point)
+            config.sampling.update(
+                sampler=sampler,
+                num_steps=num_steps,
+                timestep_spacing="" if spacing == "default" else spacing,
+                gaussian_start_t=start,
+                seed=seed,
+            )
+            config.eval.bpd_num_images = 0
             print(evaluate.evaluate(config, _WORKDIR.value).summary(), flush=True)
-        except UserError as error:
-            sys.exit(f"error: {error}")
+    except UserError as error:
+        sys.exit(f"error: {error}")
     print(format_table(load_eval_results(_WORKDIR.value), _METRIC.value))
+
+
+def _sampling_points(path: str | None) -> list[sweeps.Point]:
+    """The points of the sweep file at `path` ([{}] without one); `SweepError` for a key
+    outside `sampling.*` (that would be another model: sweep it with experiments.sweep)."""
+    if not path:
+        return [{}]
+    points = list(sweeps.load_sweep(path))
+    cell_keys = {f"sampling.{k}" for k in ("sampler", "num_steps", "timestep_spacing", "seed")}
+    for key in dict.fromkeys(k for point in points for k in point):
+        if not key.startswith("sampling.") or key in cell_keys | {"sampling.gaussian_start_t"}:
+            raise sweeps.SweepError(
+                f"{path} sweeps {key!r}; sampler_table scores one trained run with sampling.* "
+                "keys other than those its flags set (--samplers, --steps, --spacings, "
+                "--gaussian_start, --seeds); sweep training keys with experiments.sweep"
+            )
+    return points
 
 
 if __name__ == "__main__":

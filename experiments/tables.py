@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def _row_label(sampling: dict, grid: str | None) -> str:
-    """sampler, then the grid it used (or the configured spacing) and the Gaussian start where
-    not the defaults."""
+    """sampler, then the grid it used (or the configured spacing), the Gaussian start and the
+    guidance (scale, interval, guide) where not the defaults."""
     label = sampling["sampler"]
     spacing = grid or sampling.get("timestep_spacing") or "linspace"
     if spacing != "linspace":
@@ -14,6 +14,12 @@ def _row_label(sampling: dict, grid: str | None) -> str:
         label += f" gs{sampling['gaussian_start_t']}"
     if sampling.get("gaussian_start_sigma", 0):
         label += f" gss{sampling['gaussian_start_sigma']:g}"
+    if sampling.get("guidance_scale", 1.0) != 1.0:
+        label += f" w{sampling['guidance_scale']:g}"
+        if interval := sampling.get("guidance_interval"):
+            label += f" ({interval[0]:g}, {interval[1]:g}]"
+        if guide := sampling.get("guide"):
+            label += f" guide {guide}"
     return label
 
 

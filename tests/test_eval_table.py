@@ -5,7 +5,7 @@ from __future__ import annotations
 from experiments.tables import format_table
 
 
-def _record(sampler, steps, fd, *, seed=0, spacing="linspace", start=0, seconds=None):
+def _record(sampler, steps, fd, *, seed=0, spacing="linspace", start=0, seconds=None, **guidance):
     record = {
         "sampling": {
             "sampler": sampler,
@@ -13,6 +13,7 @@ def _record(sampler, steps, fd, *, seed=0, spacing="linspace", start=0, seconds=
             "timestep_spacing": spacing,
             "gaussian_start_t": start,
             "seed": seed,
+            **guidance,
         },
         "metrics": {"fd": fd},
     }
@@ -43,3 +44,49 @@ def test_rows_separate_spacings_and_gaussian_starts_and_cells_list_seeds_in_orde
 def test_records_without_the_metric_or_the_sampler_are_left_out():
     table = format_table([{"sampling": {}, "metrics": {"fd": 1.0}}, _record("ddim", 5, None)], "fd")
     assert table.splitlines()[2:] == []
+
+
+def test_guided_cells_get_rows_of_their_scale_interval_and_guide():
+    unguided = {"guidance_scale": 1.0, "guide": "step:500", "guidance_interval": (0.3, 5.0)}
+    table = format_table(
+        [
+            _record("ddim", 10, 3.0, **unguided),
+            _record("ddim", 10, 2.0, guidance_scale=2.0, guidance_interval=()),
+            _record("ddim", 10, 1.5, guidance_scale=2.0, guidance_interval=[0.3, 5.0]),
+            _record("ddim", 10, 1.2, guidance_scale=1.5, guide="step:500"),
+        ],
+        "fd",
+    ).splitlines()
+    assert table[2:] == [
+        "| ddim | 3.00 |",
+        "| ddim w1.5 guide step:500 | 1.20 |",
+        "| ddim w2 | 2.00 |",
+        "| ddim w2 (0.3, 5] | 1.50 |",
+    ]
+
+
+def test_sampler_table_sweeps_take_sampling_keys_its_flags_do_not_set(tmp_path):
+    import pytest
+
+    from diffusion_jax.runner.sweeps import SweepError
+    from experiments.sampler_table import _sampling_points
+
+    def sweep_file(body: str) -> str:
+        path = tmp_path / f"s{len(list(tmp_path.iterdir()))}.py"
+        path.write_text(
+            "from diffusion_jax.runner.sweeps import product, sweep\n"
+            f"def get_sweep():\n    return {body}\n"
+        )
+        return str(path)
+
+    assert _sampling_points(None) == [{}]
+    points = _sampling_points(
+        sweep_file(
+            'product(sweep("sampling.guidance_scale", [1.5, 2.0]), '
+            'sweep("sampling.guidance_interval", [(), [0.3, 5.0]]))'
+        )
+    )
+    assert points[-1] == {"sampling.guidance_scale": 2.0, "sampling.guidance_interval": (0.3, 5.0)}
+    for key in ("model.ch", "sampling.seed", "sampling.num_steps"):
+        with pytest.raises(SweepError, match="sampler_table scores one trained run"):
+            _sampling_points(sweep_file(f'sweep("{key}", [1, 2])'))

@@ -50,13 +50,21 @@ def test_eval_names_differ_for_every_setting_that_changes_the_samples(digits_dat
         changed = make_tiny_config(digits_data_dir)
         changed.sampling[key] = value
         names.add(eval_name(changed))
+    for changes in [
+        {"guidance_scale": 2.0, "guidance_interval": (0.3, 5.0)},
+        {"guidance_scale": 2.0, "guide": "step:3"},
+        {"guidance_scale": 2.0, "guide": "posthoc_ema:0.05"},
+    ]:
+        changed = make_tiny_config(digits_data_dir)
+        changed.sampling.update(changes)
+        names.add(eval_name(changed))
     changed = make_tiny_config(digits_data_dir)
     changed.sampling.sampler, changed.sampling.eta = "ddim", 0.5
     names.add(eval_name(changed))
     changed = make_tiny_config(digits_data_dir)
     changed.eval.num_samples = 7
     names.add(eval_name(changed))
-    assert len(names) == 10
+    assert len(names) == 13
     changed.eval.name = "mine"
     assert eval_name(changed) == "mine"
 
@@ -69,14 +77,38 @@ def test_eval_names_differ_for_every_setting_that_changes_the_samples(digits_dat
         ("num_samples", 1, "eval.num_samples=1"),
         ("bpd_num_images", -1, "eval.bpd_num_images=-1"),
         ("pr_num_samples", 3, "must exceed eval.pr_k=3"),
+        ("metrics", ("is",), None),
+        ("metrics", ("class_accuracy",), "needs model.class_conditional=True"),
     ],
 )
 def test_bad_eval_values_are_refused_naming_the_key(digits_data_dir, key, value, message):
     config = make_tiny_config(digits_data_dir)
     config.eval.metrics = ("fd", "precision_recall")
     config.eval[key] = value
+    if message is None:  # is with fewer samples than its splits
+        config.eval.num_samples = 9
+        message = "the inception score averages 10 splits"
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         check_eval(config, 1)
+
+
+def test_class_accuracy_is_the_share_of_samples_the_classifier_puts_in_their_class(
+    digits_data_dir,
+):
+    """On real test digits with their true labels it is the classifier's accuracy (0.989)."""
+    from diffusion_jax.data import pipeline
+    from diffusion_jax.evaluation.digits_net import DigitsFeatures
+    from diffusion_jax.runner.evaluate import _score_samples
+
+    config = make_tiny_config(digits_data_dir)
+    config.model.class_conditional = True
+    config.eval.metrics = ("class_accuracy",)
+    check_eval(config, 1)
+    images, labels = pipeline.eval_images(config.data, "test")
+    scores = _score_samples(config, DigitsFeatures(), images, labels)
+    assert scores == {"class_accuracy": pytest.approx(0.989, abs=0.0015)}
+    shuffled = _score_samples(config, DigitsFeatures(), images, (labels + 1) % 10)
+    assert shuffled["class_accuracy"] < 0.05
 
 
 def test_eval_batches_that_do_not_divide_over_the_devices_are_accepted(digits_data_dir):

@@ -60,7 +60,10 @@ INCEPTION_WEIGHTS_HELP = (
 )
 
 
-METRICS = ("fd", "is", "precision_recall")
+# class_accuracy: the share of a class-conditional model's samples that the digits classifier
+# assigns to the class they were sampled for.
+METRICS = ("fd", "is", "precision_recall", "class_accuracy")
+IS_SPLITS = 10
 FEATURE_NETWORKS = ("digits", "inception")
 
 
@@ -103,6 +106,11 @@ def check_eval(config: ml_collections.ConfigDict, num_devices: int) -> None:
             f"eval.feature_network={e.feature_network!r}; use one of {FEATURE_NETWORKS}",
         ),
         (e.num_samples >= 2, f"eval.num_samples={e.num_samples}; use 2 or more"),
+        (
+            e.num_samples >= IS_SPLITS or "is" not in e.metrics,
+            f"eval.num_samples={e.num_samples}: the inception score averages {IS_SPLITS} "
+            f"splits; use {IS_SPLITS} or more samples, or drop 'is' from eval.metrics",
+        ),
         (e.batch_size >= 1, f"eval.batch_size={e.batch_size}; use 1 or more"),
         (e.shard_size >= 1, f"eval.shard_size={e.shard_size}; use 1 or more"),
         (e.pr_k >= 1, f"eval.pr_k={e.pr_k}; use 1 or more"),
@@ -124,6 +132,14 @@ def check_eval(config: ml_collections.ConfigDict, num_devices: int) -> None:
         )
     if e.name:
         workdir_lib.output_name(e.name, "eval.name")
+    if "class_accuracy" in e.metrics and not (
+        config.model.class_conditional and e.feature_network == "digits"
+    ):
+        raise ConfigError(
+            "eval.metrics 'class_accuracy' scores a class-conditional model's samples with the "
+            "digits classifier: it needs model.class_conditional=True and "
+            "eval.feature_network='digits'"
+        )
     if e.feature_network == "digits" and config.data.name != "digits":
         raise ConfigError(
             f"eval.feature_network='digits' only scores the digits dataset; use 'inception' "
@@ -248,7 +264,9 @@ def evaluate(
     per_1000 = 1000.0 * elapsed / generated if generated else None
     logging.info("Eval %s: %d samples ready (%d generated now)", name, len(images), generated)
 
-    scores = _score_samples(config, network, images)
+    labels_fn = setup.labels_fn()
+    labels = None if labels_fn is None else labels_fn(np.arange(len(images)))
+    scores = _score_samples(config, network, images, labels)
     if config.eval.bpd_num_images > 0:
         scores["bits_per_dim"] = _bits_per_dim(config, setup, params)
     result_path = workdir_lib.contained_path(workdir, "eval", name + ".json")
@@ -444,7 +462,10 @@ def _load_shard(
 
 
 def _score_samples(
-    config: ml_collections.ConfigDict, network: FeatureNetwork, images: np.ndarray
+    config: ml_collections.ConfigDict,
+    network: FeatureNetwork,
+    images: np.ndarray,
+    labels: np.ndarray | None,
 ) -> dict[str, float]:
     e = config.eval
     features, logits = network(images)
@@ -464,7 +485,10 @@ def _score_samples(
                 real.stats.mean, real.stats.cov, ref.stats.mean, ref.stats.cov
             )
     if "is" in e.metrics:
-        scores["is_mean"], scores["is_std"] = metrics_lib.inception_score(logits, splits=10)
+        scores["is_mean"], scores["is_std"] = metrics_lib.inception_score(logits, splits=IS_SPLITS)
+    if "class_accuracy" in e.metrics:
+        assert labels is not None  # check_eval: a class-conditional model
+        scores["class_accuracy"] = float(np.mean(np.argmax(logits, axis=-1) == labels))
     if "precision_recall" in e.metrics:
         real_images, _ = pipeline.eval_images(
             config.data, e.reference_split, max_examples=e.pr_num_samples
