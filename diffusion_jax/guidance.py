@@ -40,7 +40,8 @@ def check_interval(interval: Any) -> tuple[float, float]:
     if not ok or not 0.0 <= interval[0] < interval[1]:
         raise ValueError(
             f"guidance_interval={interval!r}; use (sigma_lo, sigma_hi) with 0 <= sigma_lo < "
-            "sigma_hi (sigma_hi may be inf): guidance applies for sigma_lo < sigma <= sigma_hi"
+            "sigma_hi (sigma_hi may be inf, 1e999 on a command line): guidance applies for "
+            "sigma_lo < sigma <= sigma_hi"
         )
     return float(interval[0]), float(interval[1])
 
@@ -105,6 +106,12 @@ def bind(
     if labels is not None and jnp.shape(labels) != (batch,):
         raise ValueError(f"labels must have shape ({batch},); got {jnp.shape(labels)}")
     interval = check_interval(interval)
+    scale_shape = jnp.shape(guidance_scale)
+    if scale_shape not in ((), (batch,)):
+        raise ValueError(
+            f"guidance_scale must be a scalar or one per sample ({batch},); got shape "
+            f"{jnp.shape(guidance_scale)}"
+        )
     net = _with_labels(model_fn, labels)
     if is_real(guidance_scale) and guidance_scale == 1.0:
         return net, None

@@ -18,12 +18,13 @@ from __future__ import annotations
 import itertools
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax.analysis import load_eval_results
 from diffusion_jax.errors import UserError
-from diffusion_jax.runner import cli, evaluate, sweeps
+from diffusion_jax.runner import cli, evaluate, guide, sweeps, validation
 from experiments.tables import format_table
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
@@ -57,6 +58,7 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
     try:
         points = _sampling_points(_SWEEP.value)
+        configs = []
         for (sampler, num_steps, spacing, start, seed), point in itertools.product(cells, points):
             if start and num_steps > start + 1:
                 continue
@@ -69,6 +71,11 @@ def main(argv: list[str]) -> None:
                 seed=seed,
             )
             config.eval.bpd_num_images = 0
+            # Every cell checked before the first samples: a bad one stops the table at once.
+            validation.validate(config, jax.device_count(), evaluate.VALIDATORS)
+            guide.check(config, _WORKDIR.value)
+            configs.append(config)
+        for config in configs:
             print(evaluate.evaluate(config, _WORKDIR.value).summary(), flush=True)
     except UserError as error:
         sys.exit(f"error: {error}")

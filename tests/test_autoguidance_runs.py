@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -49,7 +50,9 @@ def test_the_model_guiding_itself_gives_the_unguided_samples(trained_tiny_run) -
     workdir, config = trained_tiny_run
     plain = np.load(sample_mode.sample(config, workdir))["images"]
     itself = sample_mode.sample(_guided(config, f"workdir:{workdir}@6", 3.0), workdir)
-    assert os.path.basename(itself) == "dpm_solverpp2m_sde4_g3_agrunstep6_seed0.npz"
+    label = guide.parse(f"workdir:{workdir}@6").label
+    assert re.fullmatch(r"agrun-run-[0-9a-f]{8}-step6", label)
+    assert os.path.basename(itself) == f"dpm_solverpp2m_sde4_g3_{label}_seed0.npz"
     np.testing.assert_array_equal(np.load(itself)["images"], plain)
 
 
@@ -59,6 +62,13 @@ def test_run_sample_takes_a_loaded_run_or_a_source_as_its_guide(shared_tiny_run)
     by_run = run.sample(4, guidance_scale=2.0, guide=weaker, guidance_interval=(0.1, 50.0))
     by_source = run.sample(4, guidance_scale=2.0, guide="step:3", guidance_interval=(0.1, 50.0))
     np.testing.assert_array_equal(by_run, by_source)
+    compiled = len(run._samplers)
+    run.sample(4, guidance_scale=2.0, guide="step:3", guidance_interval=(0.1, 50.0), seed=1)
+    assert len(run._samplers) == compiled  # the guide loaded once, the program reused
+    configured = loading.load_run(
+        shared_tiny_run.workdir, config=_guided(shared_tiny_run.fresh_config(), "step:3")
+    )  # the run's own sampling.guide is Run.sample's default
+    np.testing.assert_array_equal(configured.sample(4, guidance_interval=(0.1, 50.0)), by_run)
     assert not np.array_equal(by_run, run.sample(4))
     np.testing.assert_array_equal(run.sample(4, guide=weaker), run.sample(4))  # scale 1
     with pytest.raises(ConfigError, match="another formulation"):
@@ -79,6 +89,12 @@ def test_eval_records_the_guide_and_the_network_evaluations(trained_tiny_run, tm
     spec_levels = record["model_evaluations"]
     assert spec_levels == 4 and record["guide_step"] == 3
     assert 4 < record["network_evaluations"] < 8  # the guide runs inside the interval only
+    config.sampling.guidance_interval = ()
+    unguided = evaluate.evaluate(_guided(config, "", 1.0), workdir)
+    with open(os.path.join(workdir, "eval", unguided.name, "manifest.json")) as f:
+        sampling = json.load(f)["sampling"]
+    # New keys at their defaults stay out of the manifest: evals made before them resume.
+    assert "guide" not in sampling and "guidance_interval" not in sampling
 
 
 @pytest.mark.parametrize(
@@ -146,5 +162,26 @@ def test_a_smaller_run_guides_from_its_workdir_and_training_ignores_the_guide(
     sample_dir = str(tmp_path / "run")
     shutil.copytree(shared_tiny_run.workdir, sample_dir)
     path = sample_mode.sample(config, sample_dir)
-    assert os.path.basename(path) == "dpm_solverpp2m_sde4_g2_agsmall_seed0.npz"
+    assert re.fullmatch(
+        r"dpm_solverpp2m_sde4_g2_agrun-small-[0-9a-f]{8}_seed0\.npz", os.path.basename(path)
+    )
     assert np.load(path)["images"].shape == (6, 8, 8, 1)
+
+
+def test_guides_of_different_runs_never_share_a_file_name(tmp_path) -> None:
+    labels = {
+        guide.parse(source).label
+        for source in (
+            "step:1000",
+            f"workdir:{tmp_path}/step1000",
+            f"workdir:{tmp_path}/a/small",
+            f"workdir:{tmp_path}/b/small",
+            f"workdir:{tmp_path}/b/small@1000",
+            "posthoc_ema:0.05",
+        )
+    }
+    assert len(labels) == 6
+    assert guide.parse("workdir:/x@y/run@500") == guide.Source(workdir="/x@y/run", step=500)
+    for bad in ("step:1000\n", "step:-1", "workdir:", "posthoc_ema:0", "latest"):
+        with pytest.raises(ConfigError, match=r"sampling\.guide="):
+            guide.parse(bad)

@@ -122,6 +122,8 @@ def test_bind_refuses_guidance_it_cannot_do() -> None:
         bind(model, labels, 2.0, None, 3)
     with pytest.raises(ValueError, match=r"labels must have shape \(3,\)"):
         bind(model, labels[:2], 1.0, NULL, 3)
+    with pytest.raises(ValueError, match=r"guidance_scale must be a scalar or one per sample"):
+        bind(model, labels, jnp.ones(2), NULL, 3)
     for bad in [(5.0, 1.0), (-1.0, 2.0), (1.0,), (0.0, math.nan), "0.3-5"]:
         with pytest.raises(ValueError, match="use \\(sigma_lo, sigma_hi\\)"):
             check_interval(bad)

@@ -298,6 +298,19 @@ def evaluate(
     return EvalResult(name, step, scores, result_path, per_1000)
 
 
+# Sampling keys added after evals were first written, left out of a shard manifest at their
+# defaults ('' and (): the samples of before), so those evals keep resuming.
+_LATER_SAMPLING_KEYS = ("guide", "guidance_interval")
+
+
+def _manifest_sampling(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    sampling = config.sampling.to_dict()
+    for key in _LATER_SAMPLING_KEYS:
+        if key in sampling and not sampling[key]:
+            del sampling[key]
+    return sampling
+
+
 def _splits(config: ml_collections.ConfigDict) -> list[str]:
     """The split keys an eval reads: the reference split (its statistics, or its images for
     precision/recall) and, for bits/dim, the eval split."""
@@ -328,7 +341,7 @@ def _generate_shards(
         **({} if guide is None else {"guide_step": guide.step}),
         "num_samples": e.num_samples,
         "shard_size": e.shard_size,
-        "sampling": config.sampling.to_dict(),
+        "sampling": _manifest_sampling(config),
         "class_conditional": bool(config.model.class_conditional),
     }
     chief = workdir_lib.is_chief()

@@ -14,6 +14,8 @@ guidance_scale of 1 ignores it. Only reads: nothing is written to a guide's work
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import re
 from typing import Any
 
@@ -28,8 +30,8 @@ from diffusion_jax.runner import workdir as workdir_lib
 
 PyTree = Any
 
-_STEP = re.compile(r"^step:(\d+)$")
-_WORKDIR = re.compile(r"^workdir:(.+?)(?:@(\d+))?$")
+_STEP = re.compile(r"step:(\d+)")
+_WORKDIR = re.compile(r"workdir:(.+?)(?:@(\d+))?")  # a path ending in @<digits> is a step
 FORMS = "'step:<N>', 'posthoc_ema:<sigma_rel>' or 'workdir:<path>[@<N>]'"
 
 
@@ -44,13 +46,18 @@ class Source:
 
     @property
     def label(self) -> str:
-        """The file-name part: 'agstep1000', 'agphema0.05', 'ag<run name>[step<N>]'."""
+        """The file-name part: 'agstep1000', 'agphema0.05', or 'agrun-<run name>-<hash of its
+        absolute path>[-step<N>]' (two runs of one name do not share names)."""
         if self.sigma_rel is not None:
             return f"agphema{self.sigma_rel:g}"
         if self.workdir is None:
             return f"agstep{self.step}"
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", self.workdir.rstrip("/").split("/")[-1])
-        return f"ag{name}" + ("" if self.step is None else f"step{self.step}")
+        path = self.workdir.rstrip("/") or "/"
+        if "://" not in path:
+            path = os.path.abspath(path)
+        name = re.sub(r"[^A-Za-z0-9._]", "_", path.split("/")[-1])[:40]
+        digest = hashlib.sha256(path.encode()).hexdigest()[:8]
+        return f"agrun-{name}-{digest}" + ("" if self.step is None else f"-step{self.step}")
 
 
 def parse(value: Any) -> Source | None:
@@ -58,7 +65,7 @@ def parse(value: Any) -> Source | None:
     if value == "":
         return None
     if isinstance(value, str):
-        if m := _STEP.match(value):
+        if m := _STEP.fullmatch(value):
             return Source(step=int(m.group(1)))
         if value.startswith(ema_snapshots.PARAMS_PREFIX):
             try:
@@ -67,7 +74,7 @@ def parse(value: Any) -> Source | None:
                 sigma_rel = None
             if sigma_rel is not None:
                 return Source(sigma_rel=sigma_rel)
-        if (m := _WORKDIR.match(value)) and m.group(1).strip():
+        if (m := _WORKDIR.fullmatch(value)) and m.group(1).strip():
             return Source(workdir=m.group(1), step=None if m.group(2) is None else int(m.group(2)))
     raise ConfigError(f"sampling.guide={value!r}; use '' (none) or {FORMS}")
 
@@ -128,7 +135,14 @@ def check_compatible(
                 f"sampling.guide: {where} has {key}={theirs!r}, this run {ours!r}; a guide "
                 "must be a model of the same data, image size and conditioning"
             )
-    if difference := formulation_lib.denoiser_difference(config, guide):
+    try:
+        difference = formulation_lib.denoiser_difference(config, guide)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise ConfigError(
+            f"sampling.guide: the config saved in {where} does not say its formulation "
+            f"({type(error).__name__}: {error}); guide with a run trained by this version"
+        ) from None
+    if difference:
         raise ConfigError(
             f"sampling.guide: {where} is another formulation ({difference}); a guide's output "
             "must mean what this model's does"
@@ -165,11 +179,14 @@ def load_source(source: Source, setup: Any, workdir: str) -> Guide:
     if source.workdir is None:
         state = setup.restore(workdir, source.step)
         return Guide(setup.model, state.ema_params, int(state.step), source)
-    # Another run: its own model (setup's class builds it), restored onto these devices,
-    # replicated.
-    guide_config = _saved_config(source.workdir)
-    if "parallel" in guide_config:
-        guide_config.parallel.fsdp = 1
+    # Another run: this config with the guide's model and training sections (its network and
+    # train state), so its data (checked the same) is read from this run's data_dir and its
+    # state lands on this run's mesh; setup's class builds it.
+    saved = _saved_config(source.workdir)
+    guide_config = setup.config.copy_and_resolve_references()
+    with guide_config.unlocked():
+        guide_config.model = saved.model
+        guide_config.training = saved.training
     guide_setup = type(setup)(guide_config)
     state = guide_setup.restore(source.workdir, source.step)
     return Guide(guide_setup.model, state.ema_params, int(state.step), source)

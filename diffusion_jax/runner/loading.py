@@ -52,6 +52,10 @@ class Run:
     _samplers: dict[Any, Any] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # Run.sample's guides loaded from `sampling.guide` sources, by source.
+    _guides: dict[str, guide_lib.Guide] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def step(self) -> int:
@@ -100,11 +104,16 @@ class Run:
         guidance_scale, guidance_interval, ...; see `samplers.SamplerSpec`); other keywords go
         to `samplers.sample` (x_init, start_timestep, ...). guide: autoguidance's guide, another
         loaded `Run` (e.g. `load_run(workdir, step=1000)`) or a `sampling.guide` source
-        ('step:1000', 'posthoc_ema:0.05', 'workdir:<path>'); it applies where guidance_scale
-        != 1. Sample i uses fold_in(seed key, i), as in the sample and eval modes. The compiled
-        sampler is cached per option set (spec, num_samples, non-array keywords, guide model):
-        calling again with the same options, any seed or labels, compiles nothing.
+        ('step:1000', 'posthoc_ema:0.05', 'workdir:<path>'; default: the run's
+        `sampling.guide`); it applies where guidance_scale != 1. Sample i uses fold_in(seed
+        key, i), as in the sample and eval modes. The compiled sampler is cached per option
+        set (spec, num_samples, non-array keywords, guide model): calling again with the same
+        options, any seed or labels, compiles nothing.
         """
+        if "guide_fn" in sampler_kwargs:
+            raise ValueError(
+                "pass the guide as guide= (a loaded Run or a source such as 'step:1000')"
+            )
         names = samplers.choice_names()
         spec = self.sampler_spec().choose(**{k: v for k, v in sampler_kwargs.items() if k in names})
         inputs = {k: v for k, v in sampler_kwargs.items() if k not in names}
@@ -118,9 +127,11 @@ class Run:
         gaussian = None
         if spec.start_sigma(self.formulation) is not None:
             gaussian = self.setup.data_gaussian(self.workdir).as_arrays(diffusion.float_dtype())
+        if guide is None:  # the run's own sampling.guide, as its sample and eval modes use
+            guide = str(self.config.sampling.get("guide", "")) or None
         loaded = self.guide(guide) if guide is not None and spec.guided else None
         guide_model = None if loaded is None else loaded.model
-        key = (spec, shape, static, id(guide_model))
+        key = (spec, shape, static, guide_model)  # modules compare by their hyperparameters
         generate = self._samplers.get(key)
         if generate is None:
             generate = self._samplers[key] = self._jit_sampler(
@@ -133,12 +144,15 @@ class Run:
 
     def guide(self, guide: Run | str) -> guide_lib.Guide:
         """Autoguidance's guide for this run: another loaded run of the same data and
-        formulation, or a `sampling.guide` source resolved in this run's workdir."""
+        formulation, or a `sampling.guide` source resolved in this run's workdir (loaded once
+        per source)."""
         if isinstance(guide, str):
-            source = guide_lib.parse(guide)
-            if source is None:
-                raise ConfigError("guide='' names no guide; pass a source or a loaded Run")
-            return guide_lib.load_source(source, self.setup, self.workdir)
+            if guide not in self._guides:
+                source = guide_lib.parse(guide)
+                if source is None:
+                    raise ConfigError("guide='' names no guide; pass a source or a loaded Run")
+                self._guides[guide] = guide_lib.load_source(source, self.setup, self.workdir)
+            return self._guides[guide]
         guide_lib.check_compatible(self.config, guide.config, guide.workdir)
         source = guide_lib.Source(workdir=guide.workdir, step=guide.step)
         return guide_lib.Guide(guide.setup.model, guide.params, guide.step, source)
