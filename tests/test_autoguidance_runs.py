@@ -185,3 +185,14 @@ def test_guides_of_different_runs_never_share_a_file_name(tmp_path) -> None:
     for bad in ("step:1000\n", "step:-1", "workdir:", "posthoc_ema:0", "latest"):
         with pytest.raises(ConfigError, match=r"sampling\.guide="):
             guide.parse(bad)
+
+
+@pytest.mark.parametrize("fixture", ["shared_edm_run", "shared_flow_run"])
+def test_autoguidance_and_the_interval_on_the_continuous_formulations(fixture, request) -> None:
+    shared = request.getfixturevalue(fixture)
+    run = loading.load_run(shared.workdir)
+    plain = run.sample(4)
+    guided = run.sample(4, guidance_scale=2.0, guide="step:3", guidance_interval=(0.5, 1e999))
+    assert np.isfinite(guided).all() and not np.array_equal(guided, plain)
+    itself = run.sample(4, guidance_scale=2.0, guide="step:6")
+    np.testing.assert_allclose(itself, plain, atol=1e-5)
