@@ -43,6 +43,11 @@ _SWEEP = flags.DEFINE_string(
     "sweep", None, "A sweep file over sampling.* keys; each point is scored in every cell."
 )
 flags.mark_flags_as_required(["config", "workdir"])
+# The sampling keys this program's flags set (a --sweep file may not).
+_FLAG_KEYS = tuple(
+    f"sampling.{k}"
+    for k in ("sampler", "num_steps", "timestep_spacing", "gaussian_start_t", "seed")
+)
 
 
 def main(argv: list[str]) -> None:
@@ -57,7 +62,7 @@ def main(argv: list[str]) -> None:
     )
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
     try:
-        points = _sampling_points(_SWEEP.value)
+        points = sweeps.sampling_points(_SWEEP.value, _FLAG_KEYS)
         configs = []
         for (sampler, num_steps, spacing, start, seed), point in itertools.product(cells, points):
             if start and num_steps > start + 1:
@@ -80,23 +85,6 @@ def main(argv: list[str]) -> None:
     except UserError as error:
         sys.exit(f"error: {error}")
     print(format_table(load_eval_results(_WORKDIR.value), _METRIC.value))
-
-
-def _sampling_points(path: str | None) -> list[sweeps.Point]:
-    """The points of the sweep file at `path` ([{}] without one); `SweepError` for a key
-    outside `sampling.*` (that would be another model: sweep it with experiments.sweep)."""
-    if not path:
-        return [{}]
-    points = list(sweeps.load_sweep(path))
-    cell_keys = {f"sampling.{k}" for k in ("sampler", "num_steps", "timestep_spacing", "seed")}
-    for key in dict.fromkeys(k for point in points for k in point):
-        if not key.startswith("sampling.") or key in cell_keys | {"sampling.gaussian_start_t"}:
-            raise sweeps.SweepError(
-                f"{path} sweeps {key!r}; sampler_table scores one trained run with sampling.* "
-                "keys other than those its flags set (--samplers, --steps, --spacings, "
-                "--gaussian_start, --seeds); sweep training keys with experiments.sweep"
-            )
-    return points
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ def test_sample_mode_refuses_to_write_images_from_nan_outputs(trained_tiny_run, 
 
 def test_eval_refuses_to_write_shards_from_nan_outputs(trained_tiny_run, tmp_path, monkeypatch):
     workdir, config = trained_tiny_run
-    config.eval.num_samples, config.eval.batch_size, config.eval.shard_size = 4, 4, 4
+    config.eval.num_samples, config.eval.batch_size, config.eval.shard_size = 10, 5, 10
     config.eval.metrics, config.eval.bpd_num_images = ("is",), 0
     _with_nan_ema(monkeypatch)
     with pytest.raises(NonFiniteError, match="came out NaN or Inf"):

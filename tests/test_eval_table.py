@@ -65,11 +65,10 @@ def test_guided_cells_get_rows_of_their_scale_interval_and_guide():
     ]
 
 
-def test_sampler_table_sweeps_take_sampling_keys_its_flags_do_not_set(tmp_path):
+def test_sweeps_of_one_run_take_only_sampling_keys_not_set_otherwise(tmp_path):
     import pytest
 
-    from diffusion_jax.runner.sweeps import SweepError
-    from experiments.sampler_table import _sampling_points
+    from diffusion_jax.runner.sweeps import SweepError, sampling_points
 
     def sweep_file(body: str) -> str:
         path = tmp_path / f"s{len(list(tmp_path.iterdir()))}.py"
@@ -79,14 +78,16 @@ def test_sampler_table_sweeps_take_sampling_keys_its_flags_do_not_set(tmp_path):
         )
         return str(path)
 
-    assert _sampling_points(None) == [{}]
-    points = _sampling_points(
+    assert sampling_points(None) == [{}]
+    reserved = ("sampling.seed", "sampling.num_steps")
+    points = sampling_points(
         sweep_file(
             'product(sweep("sampling.guidance_scale", [1.5, 2.0]), '
             'sweep("sampling.guidance_interval", [(), [0.3, 5.0]]))'
-        )
+        ),
+        reserved,
     )
     assert points[-1] == {"sampling.guidance_scale": 2.0, "sampling.guidance_interval": (0.3, 5.0)}
     for key in ("model.ch", "sampling.seed", "sampling.num_steps"):
-        with pytest.raises(SweepError, match="sampler_table scores one trained run"):
-            _sampling_points(sweep_file(f'sweep("{key}", [1, 2])'))
+        with pytest.raises(SweepError, match="a sweep of one trained run takes sampling"):
+            sampling_points(sweep_file(f'sweep("{key}", [1, 2])'), reserved)

@@ -140,6 +140,23 @@ def load_sweep(path: str) -> Sweep:
     return result
 
 
+def sampling_points(path: str | None, reserved: Iterable[str] = ()) -> list[Point]:
+    """The points of the sweep file at `path` ([{}] without one) for scoring one trained run
+    (`experiments.sampler_table --sweep`): `SweepError` for a key outside `sampling.*` (that
+    would be another model: sweep it with experiments.sweep) or in `reserved` (set otherwise)."""
+    if not path:
+        return [{}]
+    points = list(load_sweep(path))
+    reserved = set(reserved)
+    for key in dict.fromkeys(k for point in points for k in point):
+        if not key.startswith("sampling.") or key in reserved:
+            raise SweepError(
+                f"{path} sweeps {key!r}; a sweep of one trained run takes sampling.* keys, "
+                f"except {sorted(reserved)}; sweep training keys with experiments.sweep"
+            )
+    return points
+
+
 # ---------------------------------------------------------------------------------------------
 # Names.
 
