@@ -31,6 +31,7 @@ def _no_compilation(monkeypatch) -> None:
     monkeypatch.setattr(ModelSetup, "sample_fn", must_not_compile)
 
 
+@pytest.mark.slow
 def test_an_earlier_checkpoint_guides_an_unconditional_run(trained_tiny_run) -> None:
     workdir, config = trained_tiny_run
     config.sampling.guidance_interval = (0.5, 20.0)
@@ -46,6 +47,7 @@ def test_an_earlier_checkpoint_guides_an_unconditional_run(trained_tiny_run) -> 
     assert np.any(guided != plain)
 
 
+@pytest.mark.slow
 def test_the_model_guiding_itself_gives_the_unguided_samples(trained_tiny_run) -> None:
     workdir, config = trained_tiny_run
     plain = np.load(sample_mode.sample(config, workdir))["images"]
@@ -56,6 +58,7 @@ def test_the_model_guiding_itself_gives_the_unguided_samples(trained_tiny_run) -
     np.testing.assert_array_equal(np.load(itself)["images"], plain)
 
 
+@pytest.mark.slow
 def test_run_sample_takes_a_loaded_run_or_a_source_as_its_guide(shared_tiny_run) -> None:
     run = loading.load_run(shared_tiny_run.workdir)
     weaker = loading.load_run(shared_tiny_run.workdir, step=3)
@@ -77,6 +80,7 @@ def test_run_sample_takes_a_loaded_run_or_a_source_as_its_guide(shared_tiny_run)
         guide.check_compatible(run.config, flow_config, "elsewhere")
 
 
+@pytest.mark.slow
 def test_eval_records_the_guide_and_the_network_evaluations(trained_tiny_run, tmp_path) -> None:
     workdir, config = trained_tiny_run
     config.eval.num_samples, config.eval.batch_size, config.eval.shard_size = 10, 5, 10
@@ -187,6 +191,7 @@ def test_guides_of_different_runs_never_share_a_file_name(tmp_path) -> None:
             guide.parse(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["shared_edm_run", "shared_flow_run"])
 def test_autoguidance_and_the_interval_on_the_continuous_formulations(fixture, request) -> None:
     shared = request.getfixturevalue(fixture)

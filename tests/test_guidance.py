@@ -79,6 +79,21 @@ def test_guided_x0_is_unconditional_plus_scale_times_the_difference(
     np.testing.assert_allclose(out, uncond + scale * (cond - uncond), rtol=2e-5, atol=2e-5)
 
 
+def test_autoguidance_gives_the_guide_the_models_labels() -> None:
+    model, weak = RecordingModel(), RecordingModel(gain=0.5)
+    x, labels = _inputs()
+    formulation = FORMULATIONS["flow"]
+    _, guidance = bind(model, labels, 2.0, NULL, 3, guide_fn=weak)
+    assert guidance is not None
+    time = jnp.asarray(formulation.time(np.asarray(1.0)))
+    out, _ = guidance.denoised(formulation, x, jnp.float32(1.0), time)
+    assert [len(m.calls) for m in (model, weak)] == [1, 1]
+    np.testing.assert_array_equal(weak.calls[0][2], labels)
+    d = _denoised(formulation, model, x, 1.0, labels)
+    d_g = _denoised(formulation, weak, x, 1.0, labels)
+    np.testing.assert_allclose(out, d_g + 2.0 * (d - d_g), rtol=2e-5, atol=2e-5)
+
+
 def test_per_sample_scales_under_jit() -> None:
     model, formulation = RecordingModel(), FORMULATIONS["edm"]
     x, labels = _inputs()
