@@ -91,3 +91,20 @@ def test_sweeps_of_one_run_take_only_sampling_keys_not_set_otherwise(tmp_path):
     for key in ("model.ch", "sampling.seed", "sampling.num_steps"):
         with pytest.raises(SweepError, match="a sweep of one trained run takes sampling"):
             sampling_points(sweep_file(f'sweep("{key}", [1, 2])'), reserved)
+
+
+def test_the_shipped_guidance_sweeps_are_sweeps_of_one_run():
+    import os
+
+    from diffusion_jax.runner.sweeps import sampling_points
+
+    root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "sweeps")
+    cfg = sampling_points(os.path.join(root, "guidance.py"))
+    auto = sampling_points(os.path.join(root, "autoguidance.py"))
+    assert (len(cfg), len(auto)) == (16, 13)
+    assert {p.get("sampling.guide", "") for p in auto} == {
+        "",
+        "step:500",
+        "step:1000",
+        "posthoc_ema:0.05",
+    }
