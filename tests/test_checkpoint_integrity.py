@@ -108,6 +108,7 @@ def test_each_checkpoint_records_a_sha256_per_array_and_the_run_config(shared_ti
     assert digests["ema_params/conv_in/kernel"] == expected
 
 
+@pytest.mark.slow
 def test_flipped_bytes_in_the_latest_checkpoint_are_set_aside_and_training_resumes_before(
     tiny_config, shared_tiny_run, trained_tiny_run, caplog
 ):
@@ -128,6 +129,7 @@ def test_flipped_bytes_in_the_latest_checkpoint_are_set_aside_and_training_resum
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sample_mode_reads_the_previous_checkpoint_when_the_latest_has_flipped_bytes(
     trained_tiny_run, caplog
 ):
@@ -143,6 +145,7 @@ def test_sample_mode_reads_the_previous_checkpoint_when_the_latest_has_flipped_b
         assert json.load(f)["step"] == 3
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_asked_for_by_step_is_refused_in_one_line(trained_tiny_run):
     workdir, _ = trained_tiny_run
     _flip_bytes_orbax_cannot_see(workdir, 6)
@@ -233,6 +236,7 @@ def _with_nan_ema(monkeypatch) -> None:
     monkeypatch.setattr(setup.ModelSetup, "restore", nan_restore)
 
 
+@pytest.mark.slow
 def test_sample_mode_refuses_to_write_images_from_nan_outputs(trained_tiny_run, monkeypatch):
     workdir, config = trained_tiny_run
     _with_nan_ema(monkeypatch)
@@ -244,6 +248,7 @@ def test_sample_mode_refuses_to_write_images_from_nan_outputs(trained_tiny_run, 
     assert not os.path.exists(os.path.join(workdir, "samples", "dpm_solverpp4_seed0.npz"))
 
 
+@pytest.mark.slow
 def test_eval_refuses_to_write_shards_from_nan_outputs(trained_tiny_run, tmp_path, monkeypatch):
     workdir, config = trained_tiny_run
     config.eval.num_samples, config.eval.batch_size, config.eval.shard_size = 10, 5, 10
@@ -276,6 +281,7 @@ def test_a_training_grid_of_nan_samples_is_skipped_with_a_warning(
 # Eval shards
 
 
+@pytest.mark.slow
 def test_eval_generates_again_a_shard_damaged_on_disk(trained_tiny_run, caplog):
     workdir, config = trained_tiny_run
     config.eval.num_samples, config.eval.batch_size, config.eval.shard_size = 10, 4, 5
@@ -305,6 +311,7 @@ def test_eval_generates_again_a_shard_damaged_on_disk(trained_tiny_run, caplog):
 # Disk full
 
 
+@pytest.mark.slow
 def test_a_save_that_does_not_fit_on_the_disk_is_refused_naming_its_step(
     tiny_config, trained_tiny_run, monkeypatch
 ):
@@ -324,6 +331,7 @@ def test_a_save_that_does_not_fit_on_the_disk_is_refused_naming_its_step(
     assert sorted(os.listdir(checkpointing.checkpoint_dir(workdir))) == ["3", "6"]
 
 
+@pytest.mark.slow
 def test_a_write_failing_in_the_background_is_reported_for_its_own_step(
     tiny_config, trained_tiny_run, monkeypatch
 ):

@@ -48,6 +48,7 @@ def _summary(result: subprocess.CompletedProcess[str]) -> str:
 # --- One subprocess per mode ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_command_applies_overrides_and_writes_the_resolved_config(digits_data_dir, tmp_path):
     # The tiny config's values, so the subprocess reuses the programs the other tests compiled.
     workdir = tmp_path / "cli"
@@ -100,6 +101,7 @@ MODE_RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODE_RUNS))
 def test_each_mode_command_on_a_trained_run_exits_zero_and_writes_what_it_reports(
     mode, trained_tiny_run, digits_data_dir

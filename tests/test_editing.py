@@ -299,6 +299,7 @@ def _edit_config(config: ml_collections.ConfigDict, **edit: Any) -> ml_collectio
     return config
 
 
+@pytest.mark.slow
 def test_sdedit_mode_writes_a_grid_and_the_edits(
     trained_tiny_run: tuple[str, ml_collections.ConfigDict],
 ) -> None:
@@ -316,6 +317,7 @@ def test_sdedit_mode_writes_a_grid_and_the_edits(
         assert image.size[0] == image.size[1] and image.size[0] % 28 == 0
 
 
+@pytest.mark.slow
 def test_inpaint_mode_keeps_the_digits_unmasked_pixels(
     trained_tiny_run: tuple[str, ml_collections.ConfigDict],
 ) -> None:

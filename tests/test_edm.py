@@ -390,6 +390,7 @@ def edm_run(shared_edm_run, tmp_path_factory):
     return workdir, _edm_config(shared_edm_run.fresh_config()), shared_edm_run.state
 
 
+@pytest.mark.slow
 def test_a_tiny_edm_run_trains_with_finite_loss_and_samples_through_the_runner(edm_run):
     workdir, config, state = edm_run
     assert int(state.step) == 6
@@ -409,6 +410,7 @@ def test_a_tiny_edm_run_trains_with_finite_loss_and_samples_through_the_runner(e
     assert sample_mode.sample(config, workdir) == path
 
 
+@pytest.mark.slow
 def test_an_edm_run_resumes_bit_exactly_and_locks_its_formulation(edm_run, tmp_path):
     _, config, straight = edm_run
     config = copy.deepcopy(config)
@@ -487,6 +489,7 @@ def test_label_dropout_replaces_labels_by_the_null_class_in_the_edm_loss():
     np.testing.assert_array_equal(np.asarray(seen[2])[~dropped], (np.arange(64) % 3)[~dropped])
 
 
+@pytest.mark.slow
 def test_a_class_conditional_edm_run_samples_with_guidance(digits_data_dir, tmp_path):
     from tests.conftest import make_tiny_config
 

@@ -155,6 +155,7 @@ def test_missing_inception_weights_say_where_to_get_them(shared_tiny_run, tmp_pa
         evaluate.evaluate(config, workdir)
 
 
+@pytest.mark.slow
 def test_interrupted_eval_resumes_at_the_next_shard_with_the_same_samples(
     trained_tiny_run, tmp_path
 ):
@@ -207,6 +208,7 @@ def test_interrupted_eval_resumes_at_the_next_shard_with_the_same_samples(
     assert logged[-3][f"eval/{result.name}/fd"] == pytest.approx(result.metrics["fd"])
 
 
+@pytest.mark.slow
 def test_shards_from_an_older_checkpoint_are_discarded(trained_tiny_run, tmp_path):
     workdir, config = trained_tiny_run
     config = _eval_config(config, tmp_path, metrics=("is",))
@@ -221,6 +223,7 @@ def test_shards_from_an_older_checkpoint_are_discarded(trained_tiny_run, tmp_pat
     assert fresh.any()
 
 
+@pytest.mark.slow
 def test_bits_per_dim_is_reported_for_eval_split_images(trained_tiny_run, tmp_path):
     workdir, config = trained_tiny_run
     config = _eval_config(config, tmp_path, metrics=(), bpd_num_images=6, bpd_batch_size=4)

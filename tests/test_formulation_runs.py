@@ -84,6 +84,7 @@ def test_the_command_line_samples_a_tiny_run_of_each_formulation_with_every_samp
             assert np.isfinite(json.load(f)["metrics"]["fd"]), file_name
 
 
+@pytest.mark.slow
 def test_a_tiny_flow_run_trains_and_samples_through_the_runner(
     shared_flow_run: TrainedRun, tmp_path
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from diffusion_jax.data import pipeline
 from diffusion_jax.runner import loading
@@ -38,6 +39,7 @@ def test_random_flip_fits_the_split_and_its_mirror_images(trained_tiny_run):
     np.testing.assert_allclose(mean, mean[:, ::-1], atol=1e-12)  # symmetric under the flip
 
 
+@pytest.mark.slow
 def test_sample_mode_with_a_gaussian_start_writes_images_and_the_stored_gaussian(
     trained_tiny_run,
 ):

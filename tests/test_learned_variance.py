@@ -210,6 +210,7 @@ def test_config_refuses_learned_range_without_learn_sigma_and_negative_vlb_weigh
         validate_config(tiny_config, num_devices=1)
 
 
+@pytest.mark.slow
 def test_learn_sigma_model_trains_on_digits_and_samples_with_ddpm_and_ddim(
     shared_learn_sigma_run,
 ) -> None:

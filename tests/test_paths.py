@@ -160,6 +160,7 @@ def test_remove_owned_dir_deletes_only_a_directory_of_the_programs_own_files(tmp
     assert os.listdir(target) == ["manifest.json"]
 
 
+@pytest.mark.slow
 def test_eval_refuses_to_discard_a_shard_directory_holding_foreign_files(
     trained_tiny_run, monkeypatch
 ):

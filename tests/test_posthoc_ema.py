@@ -222,6 +222,7 @@ def posthoc_runs(digits_data_dir, tmp_path_factory):
     return config, straight_dir, straight, resumed_dir, resumed
 
 
+@pytest.mark.slow
 def test_train_state_tracks_posthoc_emas_and_writes_snapshots(posthoc_runs):
     _, straight_dir, straight, _, _ = posthoc_runs
     assert len(straight.posthoc_emas) == 2
@@ -231,6 +232,7 @@ def test_train_state_tracks_posthoc_emas_and_writes_snapshots(posthoc_runs):
     np.testing.assert_allclose(gammas, [16.97, 6.94], atol=5e-3)
 
 
+@pytest.mark.slow
 def test_posthoc_emas_in_the_train_step_equal_the_closed_form_over_the_params(tiny_config):
     tiny_config.training.posthoc_ema_every = 1
     setup = ModelSetup(tiny_config)
@@ -284,6 +286,7 @@ def test_reconstructing_a_tracked_sigma_rel_matches_the_tracked_ema(posthoc_runs
             np.testing.assert_allclose(got, tracked, rtol=3e-7, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_posthoc_mode_then_sample_with_the_reconstructed_params(posthoc_runs, tmp_path):
     config, straight_dir, _, _, _ = posthoc_runs
     workdir = str(tmp_path / "run")

@@ -150,6 +150,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_zero(digits_da
     assert 2 <= last_logged < 100000
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tiny_config, tmp_path):
     workdir = str(tmp_path / "run")
     tiny_config.training.log_every = 1
@@ -185,6 +186,7 @@ def test_resume_with_a_changed_model_shape_is_refused_naming_keys_and_flag(
     assert "--allow_config_change" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_allow_config_change_resumes_and_records_the_new_config(tiny_config, workdir_copy):
     tiny_config.diffusion.prediction = "v"  # locked, but the state's shapes are unchanged
     state = train_mode.train(tiny_config, workdir_copy, allow_config_change=True)
@@ -216,6 +218,7 @@ def _corrupt_largest_state_file(workdir: str, step: int, how: str) -> None:
             f.truncate(os.path.getsize(largest) // 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["deleted", "truncated"])
 def test_corrupt_latest_checkpoint_falls_back_to_previous_with_a_warning(
     tiny_config, shared_tiny_run, workdir_copy, how, caplog
@@ -239,6 +242,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous_with_a_warning(
     assert int(state.step) == 6
 
 
+@pytest.mark.slow
 def test_sample_mode_skips_a_corrupt_latest_checkpoint_and_leaves_it_in_place(
     tiny_config, workdir_copy, caplog
 ):
@@ -252,6 +256,7 @@ def test_sample_mode_skips_a_corrupt_latest_checkpoint_and_leaves_it_in_place(
         assert json.load(f)["step"] == 3
 
 
+@pytest.mark.slow
 def test_failed_save_raises_a_clear_error_and_keeps_the_previous_checkpoint(
     tiny_config, workdir_copy, monkeypatch
 ):

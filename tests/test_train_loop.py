@@ -35,6 +35,7 @@ def test_train_writes_checkpoints_metrics_config_and_sample_grid(shared_tiny_run
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
 
 
+@pytest.mark.slow
 def test_rerun_resumes_from_latest_checkpoint_and_matches_uninterrupted_run(
     tiny_config, shared_tiny_run, tmp_path
 ):
@@ -50,6 +51,7 @@ def test_rerun_resumes_from_latest_checkpoint_and_matches_uninterrupted_run(
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sample_writes_uint8_npz_that_ignores_sampling_batch_size(trained_tiny_run):
     workdir, tiny_config = trained_tiny_run
     tiny_config.sampling.name = "batch4"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from diffusion_jax import parallel, train_state
 from diffusion_jax.data import pipeline
@@ -25,6 +26,7 @@ def _digits_batch(config, batch_size=16):
     return next(iterator)
 
 
+@pytest.mark.slow
 def test_ema_without_warmup_starts_as_a_copy_of_params_and_tracks_them_with_the_decay(
     tiny_config,
 ):
@@ -44,6 +46,7 @@ def test_ema_without_warmup_starts_as_a_copy_of_params_and_tracks_them_with_the_
     assert int(new_state.step) == 1
 
 
+@pytest.mark.slow
 def test_debiased_ema_is_the_normalised_decay_weighted_mean_of_the_parameters_seen(tiny_config):
     tiny_config.training.ema_warmup = "debias"
     tiny_config.training.ema_decay = 0.9
@@ -131,6 +134,7 @@ def test_same_seed_and_batch_give_bitwise_identical_steps(tiny_config):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_nonfinite_batch_skips_the_update_but_advances_the_step_and_counts_it(tiny_config):
     state, train_step = _setup(tiny_config)
     batch = _digits_batch(tiny_config)

@@ -196,6 +196,7 @@ def test_an_unknown_split_of_an_eval_is_refused_before_sampling(
     assert not os.path.exists(os.path.join(path, "eval", evaluate.eval_name(config)))
 
 
+@pytest.mark.slow
 def test_an_unknown_edit_split_is_refused_before_editing(trained_tiny_run, monkeypatch):
     path, config = trained_tiny_run
     config.edit.split = "nope"
@@ -295,6 +296,7 @@ def _damage(shard_dir: str, how: str) -> None:
             f.write(b"\xff\xfe\x00")
 
 
+@pytest.mark.slow
 def test_damaged_eval_shards_or_manifest_are_generated_again_with_the_same_samples(
     trained_tiny_run, caplog
 ):

@@ -95,6 +95,7 @@ def test_save_gif_rejects_frames_it_cannot_write(tmp_path: Any) -> None:
         visualize.save_gif(str(tmp_path / "a.gif"), np.zeros((0, 8, 8, 3), np.uint8))
 
 
+@pytest.mark.slow
 def test_visualize_mode_writes_strips_and_a_gif(
     trained_tiny_run: tuple[str, ml_collections.ConfigDict],
 ) -> None:

@@ -76,6 +76,7 @@ def test_the_lock_of_a_killed_trainer_is_taken_over_with_a_warning(trained_tiny_
     assert not os.path.exists(lock_path)  # released when the run ended
 
 
+@pytest.mark.slow
 def test_the_lock_is_released_when_sigterm_stops_training(tiny_config, tmp_path, caplog):
     workdir = str(tmp_path / "run")
     tiny_config.training.num_train_steps = 1000
@@ -107,6 +108,7 @@ def test_a_failed_run_releases_the_lock(tiny_config, tmp_path, monkeypatch):
     lock.release()
 
 
+@pytest.mark.slow
 def test_a_second_eval_of_the_same_name_is_refused(trained_tiny_run):
     workdir, config = trained_tiny_run
     config.eval.num_samples, config.eval.batch_size, config.eval.shard_size = 10, 4, 5

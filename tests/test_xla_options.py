@@ -75,6 +75,7 @@ def test_only_the_named_op_kinds_are_handed_to_ynnpack(value, expected):
     assert _ynnpack_roots(compiled.as_text()) == expected
 
 
+@pytest.mark.slow
 def test_the_digits_train_step_under_each_routing_computes_the_same_step(tiny_config):
     """One train step of the digits U-Net under jax's routing and the config's: the same
     loss, gradients and parameters up to float32 rounding; the copy-insertion option that
