@@ -30,9 +30,9 @@ import numpy as np
 from diffusion_jax import diffusion
 from diffusion_jax.formulations import Formulation, as_formulation, vp_alpha, vp_noise
 from diffusion_jax.formulations.base import nearest_level
-from diffusion_jax.guidance import bind
 from diffusion_jax.samplers import ddpm
-from diffusion_jax.samplers.base import Denoiser, Level
+from diffusion_jax.samplers.base import Level
+from diffusion_jax.samplers.driver import denoiser
 from diffusion_jax.samplers.noise import Noise, resolve_sample_ids
 from diffusion_jax.samplers.spec import SamplerSpec
 from diffusion_jax.schedules import Schedule
@@ -249,14 +249,6 @@ def inpaint(
     _check_mask(mask, shape)
     num_steps = spec.num_steps
     step, jump_from = repaint_schedule(num_steps, resample_steps, jump_length)
-    net, guidance = bind(
-        model_fn,
-        labels,
-        spec.guidance_scale,
-        spec.num_classes,
-        batch,
-        interval=spec.guidance_interval,
-    )
     ids = resolve_sample_ids(sample_ids, batch)
     variance, temperature = spec.options.variance, spec.temperature
 
@@ -286,14 +278,7 @@ def inpaint(
     x0 = jnp.asarray(x0, dtype)
     keep = jnp.broadcast_to(jnp.asarray(mask, dtype), shape)
     normal = Noise.for_samples(rng, ids, shape, dtype)
-    denoise = Denoiser(
-        net=net,
-        formulation=formulation,
-        shape=shape,
-        clip_x0=spec.clip_x0,
-        dtype=dtype,
-        guidance=guidance,
-    )
+    denoise = denoiser(spec, model_fn, formulation, shape, dtype, labels=labels)
 
     def bcast(c: Array) -> Array:
         return c.reshape((1,) * len(shape))

@@ -273,6 +273,7 @@ def evaluate(
     if per_1000 is None:  # every shard was on disk: keep the time measured when they were made
         per_1000 = _previous_timing(result_path, step)
     if workdir_lib.is_chief():
+        spec = setup.sampler_spec()
         record = {
             "name": name,
             "step": step,
@@ -284,11 +285,11 @@ def evaluate(
             "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
             "sampling": config.sampling.to_dict(),
             # What the sampling settings resolved to on this run's formulation.
-            "grid": setup.sampler_spec().spacing_for(setup.formulation),
+            "grid": spec.spacing_for(setup.formulation),
             **({} if guide is None else {"guide_step": guide.step}),
-            "model_evaluations": setup.sampler_spec().num_evaluations,
+            "model_evaluations": spec.num_evaluations,
             # With guidance, the guide's evaluations too (doubled batches count twice).
-            "network_evaluations": setup.sampler_spec().network_evaluations(setup.formulation),
+            "network_evaluations": spec.network_evaluations(setup.formulation),
             "eval": config.eval.to_dict(),
         }
         workdir_lib.atomic_write_json(result_path, record)

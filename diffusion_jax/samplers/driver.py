@@ -71,22 +71,14 @@ def run(
     if not shape or not all(is_int(d) and d >= 1 for d in shape):
         raise ValueError(f"shape must be a tuple of positive ints (B, ...); got {shape!r}")
     batch = shape[0]
-    net, guided = guidance.bind(
-        model_fn,
-        labels,
-        spec.guidance_scale,
-        spec.num_classes,
-        batch,
-        guide_fn=guide_fn,
-        interval=spec.guidance_interval,
-    )
+    dtype = diffusion.float_dtype()
+    denoise = denoiser(spec, model_fn, formulation, shape, dtype, labels=labels, guide_fn=guide_fn)
     sample_ids = resolve_sample_ids(sample_ids, batch)
     if x_init is not None and jnp.shape(x_init) != shape:
         raise ValueError(f"x_init must have shape {shape}; got {jnp.shape(x_init)}")
     gaussian_start = spec.start_sigma(formulation)
     if gaussian_start is not None:
         _check_data_gaussian(data_gaussian, shape)
-    dtype = diffusion.float_dtype()
     noise = Noise.for_samples(rng, sample_ids, shape, dtype)
     sigmas = spec.grid(formulation, start_sigma if gaussian_start is None else gaussian_start)
     if gaussian_start is None:
@@ -96,14 +88,6 @@ def run(
         top = prior_sigma(spec, formulation)
         x = _start(formulation, top, x_init, noise)
         x = data_gaussian.flow(x, vp_alpha(top) ** 2, vp_alpha(sigmas[0]) ** 2)
-    denoise = Denoiser(
-        net=net,
-        formulation=formulation,
-        shape=shape,
-        clip_x0=spec.clip_x0,
-        dtype=dtype,
-        guidance=guided,
-    )
     chain = Chain(
         sigmas=sigmas,
         x_init=jnp.asarray(x, dtype),
@@ -129,6 +113,30 @@ def run(
         x0_pred=ys[1],
         sigmas=jnp.asarray(eval_sigmas, dtype),
     )
+
+
+def denoiser(
+    spec: Any,
+    model_fn: Callable[..., Array],
+    formulation: Formulation,
+    shape: tuple[int, ...],
+    dtype: Any,
+    *,
+    labels: Array | None = None,
+    guide_fn: Callable[..., Array] | None = None,
+) -> Denoiser:
+    """The `Denoiser` of `spec` (its clipping and guidance) for `model_fn` with `labels` bound
+    and autoguidance's `guide_fn`, on batches of `shape`; ValueError as `guidance.bind`."""
+    net, guided = guidance.bind(
+        model_fn,
+        labels,
+        spec.guidance_scale,
+        spec.num_classes,
+        shape[0],
+        guide_fn=guide_fn,
+        interval=spec.guidance_interval,
+    )
+    return Denoiser(net, formulation, shape, spec.clip_x0, dtype, guidance=guided)
 
 
 def evaluation_sigmas(spec: Any, formulation: Formulation) -> np.ndarray:
